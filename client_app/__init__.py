@@ -1,0 +1,1 @@
+"""Flower ClientApp of FLEX-MoE: a thin adapter over ``flexmoe_core``."""

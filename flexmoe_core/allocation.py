@@ -1,0 +1,400 @@
+"""Expert allocation: the FLEX-MoE LP and the baselines it is judged against.
+
+Every allocator maps (fitness Q of the round's participants, capacities k_c, the
+experts' historical load deficit H) to a 0/1 assignment X of shape (clients, E).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+class InfeasibleAllocationError(ValueError):
+    """The allocation constraints cannot be met; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class LoadBounds:
+    """Per-expert bounds on how many clients hold each expert this round."""
+
+    lower: np.ndarray  # (E,) int
+    upper: np.ndarray  # (E,) int
+    mean_load: float  # L-bar = sum_c k_c / E
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One round's assignment and how it was found."""
+
+    assignment: np.ndarray  # (clients, E) bool
+    objective: float  # sum of Q over assigned pairs (without tie-breaking noise)
+    solve_time_s: float
+    method: str
+    bounds: LoadBounds | None = None
+
+
+class Allocator(Protocol):
+    """Interface shared by every assignment strategy."""
+
+    name: str
+
+    def __call__(
+        self,
+        fitness: np.ndarray,
+        capacities: np.ndarray,
+        deficit: np.ndarray,
+        rng: np.random.Generator,
+    ) -> Allocation:
+        """Return the assignment of this round."""
+        ...
+
+
+def validate_capacities(
+    capacities: Sequence[int] | np.ndarray, num_experts: int
+) -> np.ndarray:
+    """Return capacities as an int array, refusing k_c < 1 or k_c > E with a clear error."""
+    caps = np.asarray(capacities)
+    if caps.ndim != 1 or caps.size == 0:
+        raise InfeasibleAllocationError("capacities must be a non-empty 1-D list")
+    if not np.all(np.equal(np.mod(caps, 1), 0)):
+        raise InfeasibleAllocationError(
+            f"capacities must be integers, got {caps.tolist()}"
+        )
+    caps = caps.astype(int)
+    if (bad := np.flatnonzero(caps < 1)).size:
+        raise InfeasibleAllocationError(
+            f"capacity constraint: clients at positions {bad.tolist()} have capacity "
+            f"{caps[bad].tolist()} < 1; every client must hold at least one expert "
+            "(raise their capacity or leave them out of the round)"
+        )
+    if (bad := np.flatnonzero(caps > num_experts)).size:
+        raise InfeasibleAllocationError(
+            f"capacity constraint: clients at positions {bad.tolist()} have capacity "
+            f"{caps[bad].tolist()} > E={num_experts} experts; a client cannot hold an "
+            f"expert twice (lower their capacity to at most {num_experts} or add experts)"
+        )
+    return caps
+
+
+def load_bounds(
+    capacities: np.ndarray,
+    num_experts: int,
+    epsilon: float,
+    deficit: np.ndarray,
+    rng: np.random.Generator,
+) -> LoadBounds:
+    """Return the load bounds floor((1-eps) L-bar) .. ceil((1+eps) L-bar).
+
+    With ``epsilon == 0`` and a fractional L-bar, every expert gets floor(L-bar) and
+    the ``sum k - E floor(L-bar)`` remainder slots go to the experts with the largest
+    historical deficit H (ties broken by ``rng``), so cumulative loads stay equal.
+    """
+    total = int(capacities.sum())
+    mean_load = total / num_experts
+    if epsilon == 0:
+        base, extra = divmod(total, num_experts)
+        lower = np.full(num_experts, base, dtype=int)
+        if extra:
+            order = np.lexsort(
+                (rng.random(num_experts), -np.asarray(deficit, dtype=float))
+            )
+            lower[order[:extra]] += 1
+        return LoadBounds(lower, lower.copy(), mean_load)
+    low = math.floor((1 - epsilon) * mean_load + 1e-9)
+    high = math.ceil((1 + epsilon) * mean_load - 1e-9)
+    return LoadBounds(
+        np.full(num_experts, max(low, 0), dtype=int),
+        np.full(num_experts, high, dtype=int),
+        mean_load,
+    )
+
+
+def check_feasible(
+    capacities: np.ndarray, num_experts: int, bounds: LoadBounds
+) -> None:
+    """Refuse load bounds that no assignment can meet, naming the constraint."""
+    total, clients = int(capacities.sum()), len(capacities)
+    if (bounds.lower > bounds.upper).any():
+        raise InfeasibleAllocationError(
+            f"load bounds: lower {bounds.lower.tolist()} exceeds upper "
+            f"{bounds.upper.tolist()} (use epsilon >= 0)"
+        )
+    if bounds.lower.sum() > total:
+        raise InfeasibleAllocationError(
+            f"load-balance constraint: experts need at least {bounds.lower.sum()} slots "
+            f"in total but the clients' capacities give only {total} "
+            "(raise capacities, add clients, or increase epsilon)"
+        )
+    if np.minimum(bounds.upper, clients).sum() < total:
+        raise InfeasibleAllocationError(
+            f"load-balance constraint: capacities give {total} slots but the experts can "
+            f"take at most {np.minimum(bounds.upper, clients).sum()} "
+            f"({clients} clients, upper bounds {bounds.upper.tolist()}); "
+            "increase epsilon or lower capacities"
+        )
+    if (bounds.lower > clients).any():
+        raise InfeasibleAllocationError(
+            f"load-balance constraint: an expert must be held by {bounds.lower.max()} "
+            f"clients but only {clients} take part (sample more clients per round)"
+        )
+
+
+def assignment_objective(fitness: np.ndarray, assignment: np.ndarray) -> float:
+    """Return sum of Q over the assigned (client, expert) pairs."""
+    return float((fitness * assignment).sum())
+
+
+def update_deficit(deficit: np.ndarray, assignment: np.ndarray) -> np.ndarray:
+    """Return H + (L-bar - load_e): how far each expert's cumulative load lags the mean."""
+    loads = assignment.sum(axis=0)
+    return deficit + loads.mean() - loads
+
+
+def _tie_break(
+    fitness: np.ndarray, noise: float, rng: np.random.Generator
+) -> np.ndarray:
+    return fitness + noise * rng.random(fitness.shape) if noise > 0 else fitness
+
+
+def _check_inputs(fitness: np.ndarray, capacities: np.ndarray) -> np.ndarray:
+    if fitness.ndim != 2 or fitness.shape[0] != len(capacities):
+        raise ValueError(
+            f"fitness has shape {fitness.shape} but there are {len(capacities)} capacities"
+        )
+    if not np.isfinite(fitness).all():
+        raise ValueError("fitness contains NaN or Inf")
+    return validate_capacities(capacities, fitness.shape[1])
+
+
+class FlexAllocator:
+    """The FLEX-MoE assignment, written in cvxpy.
+
+    maximise sum Q x  s.t.  sum_e x_ce = k_c,  L_e <= sum_c x_ce <= U_e,  0 <= x <= 1.
+
+    The constraint matrix is that of a bipartite b-matching (totally unimodular), so a
+    vertex optimum is 0/1. The solution is checked; if it is not integral (an
+    interior-point solver can stop inside an optimal face) the problem is re-solved
+    with boolean variables.
+
+    Parameters
+    ----------
+    epsilon : float
+        Width of the load band around L-bar.
+    solver : str
+        ``auto`` (HiGHS when installed, else cvxpy's default) or a cvxpy solver name.
+    tie_noise : float
+        Scale of the seeded uniform noise added to Q to break ties.
+    """
+
+    name = "flexmoe"
+
+    def __init__(
+        self, epsilon: float = 0.0, solver: str = "auto", tie_noise: float = 1e-6
+    ):
+        if epsilon < 0:
+            raise ValueError(f"epsilon={epsilon}: must be >= 0")
+        self.epsilon, self.solver, self.tie_noise = epsilon, solver, tie_noise
+
+    def _solver_name(self) -> str | None:
+        import cvxpy as cp
+
+        if self.solver in ("auto", "cvxpy"):
+            return "HIGHS" if "HIGHS" in cp.installed_solvers() else None
+        return self.solver.upper()
+
+    def __call__(
+        self,
+        fitness: np.ndarray,
+        capacities: np.ndarray,
+        deficit: np.ndarray,
+        rng: np.random.Generator,
+    ) -> Allocation:
+        """Solve the LP for this round's participants."""
+        import cvxpy as cp
+
+        caps = _check_inputs(fitness, capacities)
+        start = time.perf_counter()
+        num_experts = fitness.shape[1]
+        bounds = load_bounds(caps, num_experts, self.epsilon, deficit, rng)
+        check_feasible(caps, num_experts, bounds)
+        noisy = _tie_break(fitness, self.tie_noise, rng)
+
+        def solve(boolean: bool) -> np.ndarray | None:
+            x = cp.Variable(fitness.shape, boolean=boolean)
+            load = cp.sum(x, axis=0)
+            constraints = [
+                cp.sum(x, axis=1) == caps,
+                load >= bounds.lower,
+                load <= bounds.upper,
+            ]
+            if not boolean:
+                constraints += [x >= 0, x <= 1]
+            problem = cp.Problem(
+                cp.Maximize(cp.sum(cp.multiply(noisy, x))), constraints
+            )
+            problem.solve(solver=self._solver_name())
+            if problem.status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
+                raise InfeasibleAllocationError(
+                    f"the solver found no assignment meeting capacities {caps.tolist()} "
+                    f"and load bounds {bounds.lower.tolist()}..{bounds.upper.tolist()}"
+                )
+            return None if x.value is None else np.asarray(x.value)
+
+        method = "lp"
+        relaxed = solve(boolean=False)
+        if relaxed is None or np.abs(relaxed - np.round(relaxed)).max() > 1e-6:
+            method = "milp"
+            relaxed = solve(boolean=True)
+            if relaxed is None:
+                raise RuntimeError(
+                    "cvxpy returned no solution; try strategy.solver=HIGHS"
+                )
+        assignment = np.round(relaxed).astype(bool)
+        verify_assignment(assignment, caps, bounds)
+        return Allocation(
+            assignment,
+            assignment_objective(fitness, assignment),
+            time.perf_counter() - start,
+            f"{self.name}-{method}",
+            bounds,
+        )
+
+
+def verify_assignment(
+    assignment: np.ndarray, capacities: np.ndarray, bounds: LoadBounds
+) -> None:
+    """Raise if ``assignment`` breaks a capacity or load bound (a solver bug guard)."""
+    rows, loads = assignment.sum(axis=1), assignment.sum(axis=0)
+    if not np.array_equal(rows, capacities):
+        raise RuntimeError(
+            f"solver broke capacities: {rows.tolist()} != {capacities.tolist()}"
+        )
+    if (loads < bounds.lower).any() or (loads > bounds.upper).any():
+        raise RuntimeError(
+            f"solver broke load bounds: {loads.tolist()} not in "
+            f"{bounds.lower.tolist()}..{bounds.upper.tolist()}"
+        )
+
+
+class GreedyAllocator:
+    """Each client takes its top-k_c experts by fitness; no balance constraint."""
+
+    name = "greedy"
+
+    def __init__(self, tie_noise: float = 1e-6) -> None:
+        self.tie_noise = tie_noise
+
+    def __call__(self, fitness, capacities, deficit, rng) -> Allocation:  # noqa: D102
+        caps = _check_inputs(fitness, capacities)
+        start = time.perf_counter()
+        order = np.argsort(-_tie_break(fitness, self.tie_noise, rng), axis=1)
+        assignment = np.arange(fitness.shape[1])[None, :] < caps[:, None]
+        assignment = np.take_along_axis(assignment, np.argsort(order, axis=1), axis=1)
+        return Allocation(
+            assignment,
+            assignment_objective(fitness, assignment),
+            time.perf_counter() - start,
+            self.name,
+        )
+
+
+class RandomAllocator:
+    """A uniformly random k_c-subset for every client, every round."""
+
+    name = "random"
+
+    def __call__(self, fitness, capacities, deficit, rng) -> Allocation:  # noqa: D102
+        caps = _check_inputs(fitness, capacities)
+        start = time.perf_counter()
+        ranks = np.argsort(rng.random(fitness.shape), axis=1)
+        assignment = ranks < caps[:, None]
+        return Allocation(
+            assignment,
+            assignment_objective(fitness, assignment),
+            time.perf_counter() - start,
+            self.name,
+        )
+
+
+class DenseAllocator:
+    """Every client holds every expert (capacity ignored): the no-constraint bound."""
+
+    name = "dense"
+
+    def __call__(self, fitness, capacities, deficit, rng) -> Allocation:  # noqa: D102
+        _check_inputs(fitness, np.minimum(np.asarray(capacities), fitness.shape[1]))
+        assignment = np.ones(fitness.shape, dtype=bool)
+        return Allocation(
+            assignment, assignment_objective(fitness, assignment), 0.0, self.name
+        )
+
+
+class ExpertChoiceAllocator:
+    """Experts pick their top clients by fitness up to an equal quota ceil(sum k / E).
+
+    Pairs are visited in decreasing fitness; a pair is taken while the expert is under
+    quota and the client under capacity. Clients still short of k_c afterwards take
+    the least-loaded experts they do not hold, so every client gets exactly k_c.
+    """
+
+    name = "expert_choice"
+
+    def __init__(self, tie_noise: float = 1e-6) -> None:
+        self.tie_noise = tie_noise
+
+    def __call__(self, fitness, capacities, deficit, rng) -> Allocation:  # noqa: D102
+        caps = _check_inputs(fitness, capacities)
+        start = time.perf_counter()
+        clients, num_experts = fitness.shape
+        quota = math.ceil(caps.sum() / num_experts)
+        noisy = _tie_break(fitness, self.tie_noise, rng)
+        assignment = np.zeros(fitness.shape, dtype=bool)
+        held, load = np.zeros(clients, dtype=int), np.zeros(num_experts, dtype=int)
+        for flat in np.argsort(-noisy, axis=None):
+            client, expert = divmod(int(flat), num_experts)
+            if load[expert] < quota and held[client] < caps[client]:
+                assignment[client, expert] = True
+                held[client] += 1
+                load[expert] += 1
+        for client in np.flatnonzero(held < caps):
+            free = np.flatnonzero(~assignment[client])
+            take = free[
+                np.argsort(load[free], kind="stable")[: caps[client] - held[client]]
+            ]
+            assignment[client, take] = True
+            load[take] += 1
+        return Allocation(
+            assignment,
+            assignment_objective(fitness, assignment),
+            time.perf_counter() - start,
+            self.name,
+        )
+
+
+def make_allocator(strategy_cfg) -> Allocator:
+    """Return the allocator named by ``strategy_cfg.name``."""
+    name = strategy_cfg.name
+    noise = float(strategy_cfg.get("tie_noise", 1e-6))
+    if name == "flexmoe":
+        return FlexAllocator(
+            float(strategy_cfg.get("epsilon", 0.0)),
+            str(strategy_cfg.get("solver", "auto")),
+            noise,
+        )
+    if name == "greedy":
+        return GreedyAllocator(noise)
+    if name == "random":
+        return RandomAllocator()
+    if name == "dense":
+        return DenseAllocator()
+    if name == "expert_choice":
+        return ExpertChoiceAllocator(noise)
+    raise ValueError(
+        f"Unknown strategy {name!r}: choose flexmoe, greedy, random, dense or expert_choice"
+    )

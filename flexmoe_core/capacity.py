@@ -1,0 +1,49 @@
+"""Client expert capacity k_c: from a simulation profile or a SuperNode's node config."""
+
+from __future__ import annotations
+
+import numpy as np
+from omegaconf import DictConfig
+
+
+def simulated_capacity(
+    capacity_cfg: DictConfig, partition_id: int, num_experts: int, seed: int
+) -> int:
+    """Return k_c of simulated client ``partition_id`` under the configured profile.
+
+    ``constant`` gives ``value``; ``list`` cycles ``values`` over partition ids;
+    ``uniform`` draws an integer in ``[low, high]`` seeded by (seed, partition id).
+    """
+    profile = capacity_cfg.profile
+    if profile == "constant":
+        value = capacity_cfg.value
+    elif profile == "list":
+        values = list(capacity_cfg["values"])
+        if not values:
+            raise ValueError("capacity.profile=list needs a non-empty capacity.values")
+        value = values[partition_id % len(values)]
+    elif profile == "uniform":
+        low, high = int(capacity_cfg.low), int(capacity_cfg.high)
+        if low > high:
+            raise ValueError(f"capacity.low={low} > capacity.high={high}")
+        value = int(np.random.default_rng([seed, partition_id]).integers(low, high + 1))
+    else:
+        raise ValueError(f"capacity.profile={profile!r}: choose constant, list or uniform")
+    return parse_capacity(value, num_experts, source=f"capacity profile {profile!r}")
+
+
+def parse_capacity(value: object, num_experts: int, source: str = "node config") -> int:
+    """Return ``value`` as a capacity in [1, E], or raise a ``ValueError`` saying why."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"capacity {value!r} from {source} is not a number; set an integer in "
+            f"[1, {num_experts}]"
+        ) from None
+    if not number.is_integer() or not 1 <= number <= num_experts:
+        raise ValueError(
+            f"capacity {value!r} from {source} is invalid: a client holds between 1 and "
+            f"E={num_experts} experts; set an integer in [1, {num_experts}]"
+        )
+    return int(number)

@@ -1,0 +1,66 @@
+"""Expert-load statistics and communication accounting."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+
+def load_stats(loads: np.ndarray) -> dict[str, float]:
+    """Return mean, variance and coefficient of variation (std / mean) of expert loads."""
+    loads = np.asarray(loads, dtype=float)
+    mean = float(loads.mean()) if loads.size else 0.0
+    var = float(loads.var()) if loads.size else 0.0
+    return {
+        "mean": mean,
+        "var": var,
+        "cv": float(np.sqrt(var) / mean) if mean > 0 else 0.0,
+    }
+
+
+def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """Return the payload size of a set of arrays in bytes."""
+    return int(sum(a.nbytes for a in arrays.values()))
+
+
+class LoadTracker:
+    """Expert load per round and cumulative: clients holding each expert and samples routed."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self.cumulative_holders = np.zeros(num_experts)
+        self.cumulative_samples = np.zeros(num_experts)
+
+    def record(self, holders: np.ndarray, samples: np.ndarray) -> dict[str, object]:
+        """Add one round's loads and return the round's and the cumulative statistics."""
+        holders, samples = np.asarray(holders, float), np.asarray(samples, float)
+        self.cumulative_holders += holders
+        self.cumulative_samples += samples
+        out: dict[str, object] = {
+            "load_clients": holders.astype(int).tolist(),
+            "load_samples": samples.astype(int).tolist(),
+            "cum_load_clients": self.cumulative_holders.astype(int).tolist(),
+            "cum_load_samples": self.cumulative_samples.astype(int).tolist(),
+        }
+        for key, loads in (
+            ("load_clients", holders),
+            ("load_samples", samples),
+            ("cum_load_clients", self.cumulative_holders),
+            ("cum_load_samples", self.cumulative_samples),
+        ):
+            stats = load_stats(loads)
+            out[f"{key}_var"], out[f"{key}_cv"] = stats["var"], stats["cv"]
+        return out
+
+    def state(self) -> dict[str, list[float]]:
+        """Return the cumulative loads as plain data."""
+        return {
+            "holders": self.cumulative_holders.tolist(),
+            "samples": self.cumulative_samples.tolist(),
+        }
+
+    def load_state(self, state: Mapping[str, list[float]]) -> None:
+        """Restore cumulative loads written by :meth:`state`."""
+        self.cumulative_holders = np.asarray(state["holders"], dtype=float)
+        self.cumulative_samples = np.asarray(state["samples"], dtype=float)

@@ -1,0 +1,128 @@
+"""Where a run leaves its results: config, one JSON line per round, final model."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+MODEL_FILE = "final_model.npz"
+SUMMARY_FILE = "summary.json"
+
+
+def make_run_dir(cfg: DictConfig, root: str | os.PathLike[str] | None = None) -> Path:
+    """Create and return the run's absolute output directory.
+
+    ``<output_root>/<run_name>``; a relative root is resolved against the current
+    working directory (for ``flwr run`` that is where the SuperLink was started).
+    """
+    base = Path(root if root is not None else cfg.output_root).expanduser().resolve()
+    name = cfg.get("run_name") or (
+        f"{dt.datetime.now():%Y%m%d-%H%M%S}_{cfg.strategy.name}_{cfg.dataset.name}"
+    )
+    run_dir = base / str(name)
+    suffix = 1
+    while run_dir.exists() and any(run_dir.iterdir()):
+        suffix += 1
+        run_dir = base / f"{name}-{suffix}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class RunRecorder:
+    """Writes a run's results under ``run_dir``; optionally mirrors metrics to W&B."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig) -> None:
+        self.run_dir = run_dir
+        self.cfg = cfg
+        atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg).encode())
+        self._wandb = self._start_wandb(cfg) if cfg.wandb.enabled else None
+
+    def _start_wandb(self, cfg: DictConfig) -> Any:
+        os.environ.setdefault("WANDB_DIR", str(self.run_dir))
+        import wandb
+
+        return wandb.init(
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity,
+            group=cfg.wandb.group,
+            mode=cfg.wandb.mode,
+            dir=str(self.run_dir),
+            name=self.run_dir.name,
+            config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+        )
+
+    def log_round(self, record: Mapping[str, Any]) -> None:
+        """Append one round's metrics as a JSON line (and log scalars to W&B)."""
+        line = json.dumps(_jsonable(record), sort_keys=True)
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        if self._wandb is not None:
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            self._wandb.log(scalars, step=int(record["round"]))
+
+    def save_model(self, arrays: Mapping[str, np.ndarray]) -> Path:
+        """Save the final global backbone and experts as ``final_model.npz``."""
+        import io
+
+        buffer = io.BytesIO()
+        np.savez(buffer, **dict(arrays))
+        path = self.run_dir / MODEL_FILE
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+    def save_summary(self, summary: Mapping[str, Any]) -> None:
+        """Write the run's summary (final figures, fitness table, cumulative loads)."""
+        atomic_write_bytes(
+            self.run_dir / SUMMARY_FILE,
+            json.dumps(_jsonable(summary), indent=2).encode(),
+        )
+
+    def close(self) -> None:
+        """Finish the W&B run if one was started."""
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Return the per-round records of a run directory."""
+    path = Path(run_dir) / METRICS_FILE
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

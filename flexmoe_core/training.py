@@ -1,0 +1,157 @@
+"""Local training with per-expert feedback, and evaluation of a personalised model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor
+
+from .fitness import ExpertFeedback
+from .model import MoEClassifier, cross_entropy_per_expert
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of local training: totals of the last epoch and per-expert feedback."""
+
+    num_examples: int
+    loss: float
+    accuracy: float
+    feedback: dict[int, ExpertFeedback]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Loss and accuracy of a model on a split, with the samples routed per expert."""
+
+    num_examples: int
+    loss: float
+    accuracy: float
+    expert_usage: dict[int, int]
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """Return CUDA when asked for or available under ``auto``, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={spec} but no CUDA device is visible here")
+    return device
+
+
+class _ExpertStats:
+    """Running sums of routed samples, correct predictions and loss per assigned expert."""
+
+    def __init__(self, num_assigned: int, device: torch.device) -> None:
+        self.usage = torch.zeros(num_assigned, device=device)
+        self.correct = torch.zeros(num_assigned, device=device)
+        self.loss = torch.zeros(num_assigned, device=device)
+
+    def add(self, expert_logits: Tensor, routed: Tensor, labels: Tensor) -> None:
+        mask = routed.float()
+        hits = (expert_logits.argmax(-1) == labels[:, None]).float()
+        losses = cross_entropy_per_expert(expert_logits, labels)
+        self.usage += mask.sum(0)
+        self.correct += (hits * mask).sum(0)
+        self.loss += (losses * mask).sum(0)
+
+    def feedback(self, expert_ids: list[int]) -> dict[int, ExpertFeedback]:
+        usage = self.usage.cpu().tolist()
+        correct, loss = self.correct.cpu().tolist(), self.loss.cpu().tolist()
+        return {
+            e: ExpertFeedback(
+                usage=u,
+                accuracy=c / u if u > 0 else 0.0,
+                loss=max(s / u, 0.0) if u > 0 else 0.0,
+            )
+            for e, u, c, s in zip(expert_ids, usage, correct, loss, strict=True)
+        }
+
+
+def train_local(
+    model: MoEClassifier,
+    x: Tensor,
+    y: Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    aux_loss_coef: float = 0.0,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+) -> TrainResult:
+    """Train backbone, assigned experts and gate with SGD; return last-epoch feedback.
+
+    Raises
+    ------
+    FloatingPointError
+        If the loss becomes NaN or Inf (lower the learning rate).
+    """
+    device = torch.device(device)
+    model.to(device).train()
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
+    generator = torch.Generator().manual_seed(seed)
+    n = len(y)
+    for epoch in range(epochs):
+        stats = _ExpertStats(len(model.expert_ids), device)
+        total_loss, correct = 0.0, 0
+        for idx in torch.randperm(n, generator=generator).split(batch_size):
+            xb, yb = x[idx], y[idx]
+            if augment is not None:
+                xb = augment(xb, generator)
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            out = model(xb)
+            loss = F.cross_entropy(out.logits, yb) + aux_loss_coef * out.aux_loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss became {loss.item()} in epoch {epoch}; lower train.lr"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                total_loss += F.cross_entropy(out.logits, yb, reduction="sum").item()
+                correct += int((out.logits.argmax(-1) == yb).sum())
+                stats.add(out.expert_logits, out.routed, yb)
+    return TrainResult(
+        n, total_loss / max(n, 1), correct / max(n, 1), stats.feedback(model.expert_ids)
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: MoEClassifier,
+    x: Tensor,
+    y: Tensor,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> EvalResult:
+    """Return loss and accuracy of ``model`` (its own gate and experts) on ``(x, y)``."""
+    device = torch.device(device)
+    model.to(device).eval()
+    total_loss, correct = 0.0, 0
+    usage = torch.zeros(len(model.expert_ids), device=device)
+    for start in range(0, len(y), batch_size):
+        xb = x[start : start + batch_size].to(device)
+        yb = y[start : start + batch_size].to(device)
+        out = model(xb)
+        total_loss += F.cross_entropy(out.logits, yb, reduction="sum").item()
+        correct += int((out.logits.argmax(-1) == yb).sum())
+        usage += out.routed.sum(0)
+    n = len(y)
+    return EvalResult(
+        n,
+        total_loss / max(n, 1),
+        correct / max(n, 1),
+        {e: int(u) for e, u in zip(model.expert_ids, usage.cpu().tolist(), strict=True)},
+    )
