@@ -88,7 +88,8 @@ class FitnessTable:
 
     def update(self, client_id: int, feedback: Mapping[int, ExpertFeedback]) -> None:
         """EMA-update the client's entries of the experts it used (usage > 0)."""
-        row = self._values[self._row(int(client_id))]
+        index = self._row(int(client_id))  # may grow the table: look the row up after
+        row = self._values[index]
         for expert, fb in feedback.items():
             if not 0 <= expert < self.num_experts:
                 raise ValueError(f"Feedback for unknown expert {expert}")

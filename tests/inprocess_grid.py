@@ -54,23 +54,23 @@ class InProcessGrid(Grid):
         self.fail, self.tamper = fail, tamper
         self.sent: list[Message] = []
 
-    def set_run(self, run) -> None:  # noqa: D102
+    def set_run(self, run) -> None:
         self._run = run
 
     @property
-    def run(self):  # noqa: D102
+    def run(self):
         return self._run
 
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         return Message(content=content, message_type=message_type, dst_node_id=dst_node_id)
 
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+    def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
-    def push_messages(self, messages):  # noqa: D102
+    def push_messages(self, messages):
         raise NotImplementedError
 
-    def pull_messages(self, message_ids):  # noqa: D102
+    def pull_messages(self, message_ids):
         raise NotImplementedError
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> list[Message]:

@@ -1,0 +1,177 @@
+"""The strategy and both apps, wired together through an in-process Grid (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+from inprocess_grid import InProcessGrid
+
+from client_app.app import app as client_app
+from flexmoe_core import protocol
+from flexmoe_core.config import load_config
+from flexmoe_core.model import build_model, shared_state
+from flexmoe_core.results import read_metrics
+from server_app.app import main as server_main
+from server_app.strategy import FlexMoEStrategy, to_array_record
+
+
+def nodes(count: int, **extra) -> list[dict]:
+    return [{"partition-id": i, "num-partitions": count, **extra} for i in range(count)]
+
+
+def run(cfg, grid: InProcessGrid) -> FlexMoEStrategy:
+    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes)
+    strategy = FlexMoEStrategy(cfg)
+    strategy.start(grid, to_array_record(shared_state(model)), num_rounds=cfg.num_rounds)
+    return strategy
+
+
+def test_each_node_gets_backbone_and_exactly_its_experts(tiny_overrides: str) -> None:
+    cfg = load_config(tiny_overrides)
+    grid = InProcessGrid(client_app, nodes(4))
+    strategy = run(cfg, grid)
+    capacity = {1000 + i: k for i, k in enumerate([1, 2, 3, 4])}
+    train = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert len(train) == 4 * 3
+    for message in train:
+        experts = list(message.content[protocol.CONFIG][protocol.EXPERTS])
+        assert len(experts) == capacity[message.metadata.dst_node_id]
+        keys = set(message.content[protocol.ARRAYS].keys())
+        held = {int(k.split(".")[1]) for k in keys if k.startswith("experts.")}
+        assert held == set(experts)
+        assert any(k.startswith("backbone.") for k in keys)
+        assert not any(k.startswith("gate.") for k in keys)
+    # loads: 10 slots over 8 experts -> every expert held by 1 or 2 clients, every round
+    for record in strategy.history:
+        assert sorted(record["load_clients"]) == [1] * 6 + [2] * 2
+    assert (
+        max(strategy.history[-1]["cum_load_clients"])
+        - min(strategy.history[-1]["cum_load_clients"])
+        <= 1
+    )
+
+
+def test_gate_stays_home_and_keeps_learning(tiny_overrides: str) -> None:
+    cfg = load_config(tiny_overrides)
+    gates = []
+
+    def spy(node: int, reply):
+        if reply.metadata.message_type == "train" and not reply.has_error():
+            assert not any(k.startswith("gate.") for k in reply.content[protocol.ARRAYS].keys())
+            if node == 1003:  # capacity 4: its gate has choices to learn
+                gate = grid.contexts[node].state[protocol.GATE]
+                gates.append(protocol.arrays_to_numpy(gate)["gate.weight"].copy())
+        return reply
+
+    grid = InProcessGrid(client_app, nodes(4), tamper=spy)
+    run(cfg, grid)
+    assert len(gates) == 3
+    assert not np.allclose(gates[0], gates[1]) and not np.allclose(gates[1], gates[2])
+
+
+def test_results_written_by_the_server_app(tmp_path: Path, tiny_overrides: str) -> None:
+    grid = InProcessGrid(client_app, nodes(4))
+    context = Context(
+        run_id=1,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={"overrides": tiny_overrides + f" run_name=r1 output_root={tmp_path}"},
+    )
+    server_main(grid, context)
+    run_dir = tmp_path / "r1"
+    records = read_metrics(run_dir)
+    assert [r["round"] for r in records] == [1, 2, 3]
+    for key in (
+        "local_acc",
+        "train_loss",
+        "load_clients",
+        "load_clients_cv",
+        "load_clients_var",
+        "load_samples_cv",
+        "cum_load_clients_cv",
+        "cum_load_samples_var",
+        "bytes_sent",
+        "bytes_received",
+        "bytes_sent_per_client",
+        "allocation_time_s",
+        "round_time_s",
+        "assignment",
+    ):
+        assert key in records[-1], key
+    assert "global_acc" in records[-1] and "global_acc" not in records[0]
+    assert records[-1]["bytes_received"] > 0
+    assert (run_dir / "config.yaml").read_text().count("strategy:") == 1
+    with np.load(run_dir / "final_model.npz") as model:
+        assert any(name.startswith("experts.7.") for name in model.files)
+        assert not any(name.startswith("gate.") for name in model.files)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 3 and 0.0 <= summary["final_local_acc"] <= 1.0
+
+
+def test_unheld_experts_keep_their_value(tiny_overrides: str) -> None:
+    cfg = load_config(tiny_overrides + " num_rounds=1 capacity.profile=constant capacity.value=1")
+    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes)
+    initial = shared_state(model)
+    strategy = FlexMoEStrategy(cfg)
+    strategy.start(InProcessGrid(client_app, nodes(4)), to_array_record(initial), num_rounds=1)
+    held = {e for experts in strategy.round.assignment.values() for e in experts}
+    assert len(held) == 4
+    for name, value in strategy.global_arrays.items():
+        if name.startswith("experts."):
+            same = np.array_equal(value, initial[name])
+            assert same == (int(name.split(".")[1]) not in held), name
+
+
+def test_greedy_through_the_same_override(tiny_overrides: str) -> None:
+    cfg = load_config(
+        tiny_overrides + " strategy=greedy capacity.profile=constant capacity.value=2"
+    )
+    strategy = run(cfg, InProcessGrid(client_app, nodes(4)))
+    assert strategy.allocator.name == "greedy"
+    # q0 = 1 is optimistic: greedy tries untried experts, and its loads are unbalanced
+    assert any(r["load_clients_cv"] > 0 for r in strategy.history)
+
+
+def test_capacity_from_node_config_and_invalid_nodes_left_out(
+    tiny_overrides: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = load_config(tiny_overrides + " num_clients=3 num_rounds=1")
+    configs = nodes(3)
+    configs[0]["capacity"] = 3
+    configs[2]["capacity"] = 99
+    grid = InProcessGrid(client_app, configs)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        strategy = run(cfg, grid)
+    assert strategy.capacities == {1000: 3, 1001: 2}
+    assert "Node 1002 left out" in caplog.text and "[1, 8]" in caplog.text
+
+
+def test_missing_nodes_time_out_with_advice(tiny_overrides: str) -> None:
+    cfg = load_config(tiny_overrides + " num_clients=6 timeouts.wait_for_clients_s=0")
+    with pytest.raises(RuntimeError, match="num-supernodes=6"):
+        run(cfg, InProcessGrid(client_app, nodes(4)))
+
+
+def test_a_crashed_client_does_not_stop_the_round(tiny_overrides: str) -> None:
+    cfg = load_config(tiny_overrides)
+
+    def crash(node: int, message) -> str | None:
+        round_ = int(message.content[protocol.CONFIG].get(protocol.ROUND, 0))
+        return (
+            "raise"
+            if node == 1001 and round_ == 2 and message.metadata.message_type == "train"
+            else None
+        )
+
+    grid = InProcessGrid(client_app, nodes(4), fail=crash)
+    strategy = run(cfg, grid)
+    second = strategy.history[1]
+    assert second["accepted"] == 3 and "1" in second["failures"]
+    assert "injected failure" in second["failures"]["1"]
+    assert strategy.history[2]["accepted"] == 4
