@@ -12,6 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from .faults import validate_faults
+
 CONF_DIR_ENV = "FLEXMOE_CONF_DIR"
 
 
@@ -37,11 +39,14 @@ def conf_dir() -> Path:
 
 
 def split_overrides(overrides: str | Sequence[str] | None) -> list[str]:
-    """Turn a shell-style override string (or a list) into Hydra overrides."""
+    """Turn a whitespace-separated override string (or a list) into Hydra overrides.
+
+    Quotes are kept for Hydra (``output_root='/a b/c=d'``), as on Hydra's command line.
+    """
     if overrides is None:
         return []
     if isinstance(overrides, str):
-        return shlex.split(overrides)
+        return shlex.split(overrides, posix=False)
     return [str(o) for o in overrides]
 
 
@@ -116,5 +121,7 @@ def validate_config(cfg: DictConfig) -> None:
     )
     if cfg.strategy.name == "flexmoe":
         need(cfg.strategy.epsilon >= 0, f"strategy.epsilon={cfg.strategy.epsilon}: >= 0")
+    if "faults" in cfg:
+        errors.extend(validate_faults(cfg.faults))
     if errors:
         raise ValueError("Invalid configuration:\n  - " + "\n  - ".join(errors))

@@ -109,7 +109,11 @@ def build_model(
     """Build the model of ``model_cfg`` holding ``expert_ids`` (default: all experts)."""
     ids = range(model_cfg.num_experts) if expert_ids is None else expert_ids
     backbone = build_backbone(
-        model_cfg.backbone, int(input_shape[0]), model_cfg.width, model_cfg.feature_dim
+        model_cfg.backbone,
+        int(input_shape[0]),
+        model_cfg.width,
+        model_cfg.feature_dim,
+        bool(model_cfg.get("pool", False)),
     )
     return MoEClassifier(
         backbone,

@@ -31,7 +31,7 @@ def make_run_dir(cfg: DictConfig, root: str | os.PathLike[str] | None = None) ->
     )
     run_dir = base / str(name)
     suffix = 1
-    while run_dir.exists() and any(run_dir.iterdir()):
+    while (run_dir / METRICS_FILE).exists():  # never mix two runs' results
         suffix += 1
         run_dir = base / f"{name}-{suffix}"
     run_dir.mkdir(parents=True, exist_ok=True)
