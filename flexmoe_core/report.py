@@ -192,6 +192,21 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:80]
 
 
+def draw_load_heatmap(ax: Any, loads_per_round: Sequence[Sequence[int]]) -> None:
+    """Draw clients holding each expert (rows) per round (columns) on ``ax``."""
+    heat = np.asarray(loads_per_round, dtype=float).T
+    image = ax.imshow(
+        heat,
+        aspect="auto",
+        cmap="viridis",
+        interpolation="nearest",
+        extent=(0.5, heat.shape[1] + 0.5, heat.shape[0] - 0.5, -0.5),
+    )
+    ax.set_xlabel("round")
+    ax.set_ylabel("expert")
+    ax.figure.colorbar(image, ax=ax, label="clients holding")
+
+
 def plot_setup(setup: str, runs: Sequence[Run], out: Path) -> list[Path]:
     """Plot accuracy and load CV per round by strategy, and a load heatmap per strategy."""
     import matplotlib
@@ -230,12 +245,8 @@ def plot_setup(setup: str, runs: Sequence[Run], out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(strategies), figsize=(4 * len(strategies), 3.4), squeeze=False)
     for ax, strategy in zip(axes[0], strategies, strict=True):
         run = min(by_strategy[strategy], key=lambda r: r.seed)
-        heat = np.array([r["load_clients"] for r in run.records]).T
-        image = ax.imshow(heat, aspect="auto", cmap="viridis", interpolation="nearest")
+        draw_load_heatmap(ax, [r["load_clients"] for r in run.records])
         ax.set_title(f"{strategy} (seed {run.seed})")
-        ax.set_xlabel("round")
-        ax.set_ylabel("expert")
-        fig.colorbar(image, ax=ax, label="clients holding")
     fig.suptitle(f"Expert load over rounds — {setup}", fontsize=10)
     fig.tight_layout()
     path = out / f"load_heatmap_{slug(setup)}.png"

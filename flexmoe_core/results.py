@@ -72,6 +72,7 @@ class RunRecorder:
         self.run_dir = run_dir
         self.cfg = cfg
         atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg).encode())
+        self._load_history: list[list[int]] = []
         self._wandb = self._start_wandb(cfg) if cfg.wandb.enabled else None
 
     def _start_wandb(self, cfg: DictConfig) -> Any:
@@ -95,7 +96,11 @@ class RunRecorder:
             f.write(line + "\n")
         if self._wandb is not None:
             scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            for key in ("load_clients", "load_samples"):  # one chart line per expert
+                for expert, load in enumerate(record.get(key, [])):
+                    scalars[f"{key}/expert_{expert}"] = load
             self._wandb.log(scalars, step=int(record["round"]))
+            self._load_history.append(record.get("load_clients", []))
 
     def save_model(self, arrays: Mapping[str, np.ndarray]) -> Path:
         """Save the final global backbone and experts as ``final_model.npz``."""
@@ -115,10 +120,25 @@ class RunRecorder:
         )
 
     def close(self) -> None:
-        """Finish the W&B run if one was started."""
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
+        """Log the expert-load heatmap to W&B and finish the run, if one was started."""
+        if self._wandb is None:
+            return
+        if self._load_history:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            import wandb
+
+            from .report import draw_load_heatmap
+
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            draw_load_heatmap(ax, self._load_history)
+            ax.set_title("expert load (clients holding) per round")
+            self._wandb.log({"expert_load_heatmap": wandb.Image(fig)})
+            plt.close(fig)
+        self._wandb.finish()
+        self._wandb = None
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -175,3 +175,16 @@ def test_a_crashed_client_does_not_stop_the_round(tiny_overrides: str) -> None:
     assert second["accepted"] == 3 and "1" in second["failures"]
     assert "injected failure" in second["failures"]["1"]
     assert strategy.history[2]["accepted"] == 4
+
+
+def test_wandb_offline_logging(tmp_path: Path, tiny_overrides: str) -> None:
+    grid = InProcessGrid(client_app, nodes(4))
+    overrides = (
+        tiny_overrides + f" num_rounds=2 wandb.enabled=true run_name=w output_root={tmp_path}"
+    )
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"overrides": overrides}
+    )
+    server_main(grid, context)
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
