@@ -43,6 +43,11 @@ def count_jobs(argv: list[str]) -> int:
     return max(1, math.prod(sizes)) if sizes else 1
 
 
+def hydra_quote(value: str) -> str:
+    """Quote a value for a Hydra override (job folder names hold '=' and ',')."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def flwr_command(cfg: DictConfig, app_dir: Path, overrides: list[str]) -> list[str]:
     """Return the ``flwr run`` command of one job."""
     flwr = Path(sys.executable).with_name("flwr")
@@ -96,8 +101,11 @@ def main(cfg: DictConfig) -> None:
     jobs = count_jobs(sys.argv[1:])
     task = [o for o in hydra_cfg.overrides.task if not o.startswith("sweep.")]
     label = " ".join(task) or "defaults"
-    # Quoted for Hydra: job folder names hold '=' and ','.
-    overrides = [*task, f"output_root='{job_dir.parent}'", f"run_name='{job_dir.name}'"]
+    overrides = [
+        *task,
+        f"output_root={hydra_quote(str(job_dir.parent))}",
+        f"run_name={hydra_quote(job_dir.name)}",
+    ]
     app_dir = Path(cfg.sweep.app_dir) if cfg.sweep.app_dir else default_app_dir()
     command = flwr_command(cfg, app_dir, overrides)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

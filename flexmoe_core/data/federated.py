@@ -1,4 +1,9 @@
-"""One client's view of the federated data, cached per process."""
+"""One client's view of the federated data, and the federation's label counts.
+
+Per process, the decoded dataset and the partitions are kept in small LRU caches;
+across processes and runs the decoded dataset comes from the on-disk cache as a
+memory map, so each client process reads and normalises only its own partition.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,10 @@ from functools import lru_cache
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import DatasetError
 from .partition import client_split, partition_indices
-from .sources import ArrayDataset, DatasetSplits, load_dataset
+from .raw import RawDataset, load_raw
+from .sources import ArrayDataset, Normaliser
 
 
 @dataclass(frozen=True)
@@ -29,18 +36,26 @@ def _key(cfg: DictConfig) -> str:
 
 
 @lru_cache(maxsize=4)
-def _dataset(dataset_key: str, seed: int) -> DatasetSplits:
-    return load_dataset(OmegaConf.create(json.loads(dataset_key)), seed)
+def _raw(dataset_key: str, seed: int) -> RawDataset:
+    return load_raw(OmegaConf.create(json.loads(dataset_key)), seed)
 
 
 @lru_cache(maxsize=8)
 def _partitions(
     dataset_key: str, partition_key: str, num: int, seed: int
-) -> list[np.ndarray]:
-    labels = _dataset(dataset_key, seed).train.y
-    return partition_indices(
-        labels, OmegaConf.create(json.loads(partition_key)), num, seed
-    )
+) -> tuple[np.ndarray, ...]:
+    labels = _raw(dataset_key, seed).train.labels
+    cfg = json.loads(partition_key)
+    parts = partition_indices(labels, cfg, num, seed)
+    cap = cfg.get("max_client_samples")
+    if cap:  # CPU-scale runs: keep a seeded random share of each client's partition
+        parts = [
+            np.sort(np.random.default_rng([seed, i, 104_729]).choice(p, int(cap), replace=False))
+            if len(p) > int(cap)
+            else p
+            for i, p in enumerate(parts)
+        ]
+    return tuple(parts)
 
 
 def load_client_data(
@@ -52,32 +67,70 @@ def load_client_data(
 ) -> ClientData:
     """Return partition ``partition_id`` of ``num_partitions``, split train/local test.
 
+    The global test split is normalised lazily: ``global_test.subset(idx)`` reads
+    and converts only the rows asked for.
+
     Raises
     ------
-    ValueError
-        If the partition id is out of range or the partition is smaller than
-        ``partition_cfg.min_partition_size``.
+    DatasetError
+        If the partition id is out of range, the partition is smaller than
+        ``partition_cfg.min_partition_size``, or the dataset cannot be loaded.
     """
     if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id {partition_id} is not in [0, {num_partitions})")
-    splits = _dataset(_key(dataset_cfg), seed)
-    parts = _partitions(_key(dataset_cfg), _key(partition_cfg), num_partitions, seed)
-    indices = parts[partition_id]
+        raise DatasetError(f"partition-id {partition_id} is not in [0, {num_partitions})")
+    dataset_key = _key(dataset_cfg)
+    raw = _raw(dataset_key, seed)
+    indices = _partitions(dataset_key, _key(partition_cfg), num_partitions, seed)[partition_id]
     minimum = int(partition_cfg.get("min_partition_size", 1))
     if len(indices) < max(minimum, 2):
-        raise ValueError(
+        raise DatasetError(
             f"partition {partition_id} of {num_partitions} holds {len(indices)} samples, "
-            f"fewer than min_partition_size={minimum}; use fewer clients or another partition"
+            f"fewer than min_partition_size={max(minimum, 2)}; use fewer clients or "
+            "another partition"
         )
     train_idx, test_idx = client_split(
         indices,
         float(partition_cfg.local_test_fraction),
         seed + 7919 * (partition_id + 1),
+        labels=raw.train.labels[indices],
     )
+    normaliser = Normaliser.from_config(dataset_cfg.preprocess, raw.input_shape[0])
+    labels = raw.train.labels
+
+    def part(idx: np.ndarray) -> ArrayDataset:
+        return ArrayDataset(normaliser(raw.train.take(idx)), labels[idx])
+
     return ClientData(
-        splits.train.subset(train_idx),
-        splits.train.subset(test_idx),
-        splits.test,
-        splits.num_classes,
-        splits.input_shape,
+        part(train_idx),
+        part(test_idx),
+        ArrayDataset.from_pixels(raw.test.view(), raw.test.labels, normaliser),
+        raw.num_classes,
+        raw.input_shape,
+    )
+
+
+def label_counts(
+    dataset_cfg: DictConfig, partition_cfg: DictConfig, num_partitions: int, seed: int
+) -> np.ndarray:
+    """Return the clients x classes table of training-sample counts per partition.
+
+    Counts cover each client's whole partition (its training and local test
+    samples), exactly as :func:`load_client_data` partitions it.
+    """
+    dataset_key = _key(dataset_cfg)
+    raw = _raw(dataset_key, seed)
+    parts = _partitions(dataset_key, _key(partition_cfg), num_partitions, seed)
+    labels = raw.train.labels
+    return np.stack([np.bincount(labels[p], minlength=raw.num_classes) for p in parts])
+
+
+def evaluation_subset(split: ArrayDataset, limit: int, seed: int) -> ArrayDataset:
+    """Return a seeded random subset of at most ``limit`` samples (all if ``limit <= 0``).
+
+    Test splits are often stored class by class, so a prefix would hold few classes.
+    """
+    if limit <= 0 or len(split) <= limit:
+        return split
+    return split.subset(
+        np.sort(np.random.default_rng(seed).choice(len(split), limit, replace=False))
     )
