@@ -1,26 +1,115 @@
-"""Dataset sources: load a dataset of the config into normalised arrays."""
+"""Normalised datasets: float32 images ready for the model, from the raw uint8 splits."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
 
+from .errors import DatasetError
+from .raw import load_raw
+
 
 @dataclass(frozen=True)
-class ArrayDataset:
-    """Images ``x`` as float32 (N, C, H, W), normalised, and int64 labels ``y``."""
+class Normaliser:
+    """Map uint8 pixels (N, C, H, W) to float32 ``(x / scale - mean) / std`` per channel."""
 
-    x: np.ndarray
-    y: np.ndarray
+    scale: float
+    mean: np.ndarray  # (1, C, 1, 1) float32
+    std: np.ndarray  # (1, C, 1, 1) float32
+
+    @classmethod
+    def from_config(cls, preprocess: Mapping[str, Any], channels: int) -> Normaliser:
+        """Build from ``dataset.preprocess`` (``scale``, per-channel ``mean``/``std``).
+
+        Raises
+        ------
+        DatasetError
+            If mean/std do not have 1 or ``channels`` entries, or a std is not positive.
+        """
+        values = {}
+        for key in ("mean", "std"):
+            vec = np.asarray(list(preprocess[key]), dtype=np.float32).reshape(-1)
+            if vec.size == 1:
+                vec = np.repeat(vec, channels)
+            if vec.size != channels:
+                raise DatasetError(
+                    f"dataset.preprocess.{key} has {vec.size} values for {channels} "
+                    f"channels; give one value or one per channel"
+                )
+            values[key] = vec.reshape(1, channels, 1, 1)
+        if (values["std"] <= 0).any():
+            raise DatasetError("dataset.preprocess.std must be positive")
+        return cls(float(preprocess["scale"]), values["mean"], values["std"])
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """Return normalised float32 images; ``pixels`` may be a memory map."""
+        # One affine map, in place: x * 1/(scale*std) - mean/std (a third of the passes
+        # over the data of dividing, subtracting and dividing again).
+        x = np.array(pixels, dtype=np.float32)
+        x *= (1.0 / (self.scale * self.std)).astype(np.float32)
+        x -= (self.mean / self.std).astype(np.float32)
+        return x
+
+
+class ArrayDataset:
+    """Images ``x`` as float32 (N, C, H, W), normalised, and int64 labels ``y``.
+
+    Built either from float images directly, or from uint8 ``pixels`` plus a
+    :class:`Normaliser` with :meth:`from_pixels`. The latter normalises lazily: ``x``
+    is computed on first access, and :meth:`subset` gathers only the requested
+    rows first — so a client evaluating on part of a large, memory-mapped global
+    test split never reads or converts the rest.
+    """
+
+    __slots__ = ("_normaliser", "_pixels", "_x", "y")
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self._x: np.ndarray | None = x
+        self._pixels: np.ndarray | None = None
+        self._normaliser: Normaliser | None = None
+        self.y = y
+
+    @classmethod
+    def from_pixels(cls, pixels: np.ndarray, y: np.ndarray, normaliser: Normaliser) -> ArrayDataset:
+        """Return a dataset whose ``x`` is ``normaliser(pixels)``, computed on demand."""
+        dataset = cls.__new__(cls)
+        dataset._x = None
+        dataset._pixels = pixels
+        dataset._normaliser = normaliser
+        dataset.y = np.asarray(y, dtype=np.int64)
+        return dataset
+
+    @property
+    def x(self) -> np.ndarray:
+        """Float32 normalised images (N, C, H, W)."""
+        if self._x is None:
+            assert self._normaliser is not None and self._pixels is not None
+            self._x = self._normaliser(self._pixels)
+        return self._x
 
     def __len__(self) -> int:
         return len(self.y)
 
+    def __repr__(self) -> str:
+        return f"ArrayDataset(n={len(self)}, shape={tuple(self._shape())})"
+
+    def _shape(self) -> tuple[int, ...]:
+        source = self._x if self._x is not None else self._pixels
+        assert source is not None
+        return tuple(source.shape)
+
     def subset(self, indices: np.ndarray) -> ArrayDataset:
         """Return the samples at ``indices``."""
-        return ArrayDataset(self.x[indices], self.y[indices])
+        if self._x is None:
+            assert self._pixels is not None and self._normaliser is not None
+            return ArrayDataset.from_pixels(
+                np.asarray(self._pixels[indices]), self.y[indices], self._normaliser
+            )
+        return ArrayDataset(self._x[indices], self.y[indices])
 
 
 @dataclass(frozen=True)
@@ -31,51 +120,31 @@ class DatasetSplits:
     test: ArrayDataset
     num_classes: int
     input_shape: tuple[int, int, int]
+    class_names: tuple[str, ...] | None = None
 
 
-def normalise(images: np.ndarray, preprocess: DictConfig) -> np.ndarray:
+def normalise(images: np.ndarray, preprocess: Mapping[str, Any]) -> np.ndarray:
     """Scale raw pixels (N, C, H, W) to ``(x / scale - mean) / std`` per channel."""
-    x = images.astype(np.float32) / float(preprocess.scale)
-    mean = np.asarray(preprocess.mean, dtype=np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(preprocess.std, dtype=np.float32).reshape(1, -1, 1, 1)
-    return (x - mean) / std
-
-
-def _stratified_split(
-    y: np.ndarray, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for label in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == label))
-        cut = int(round(len(idx) * test_fraction))
-        test.append(idx[:cut])
-        train.append(idx[cut:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
-
-
-def load_sklearn_digits(cfg: DictConfig, seed: int) -> DatasetSplits:
-    """Return scikit-learn's 8x8 digits, split into train/test by a seeded stratified cut."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = digits.images.reshape(-1, 1, 8, 8)
-    labels = digits.target.astype(np.int64)
-    x = normalise(images, cfg.preprocess)
-    train_idx, test_idx = _stratified_split(labels, float(cfg.test_fraction), seed)
-    return DatasetSplits(
-        ArrayDataset(x[train_idx], labels[train_idx]),
-        ArrayDataset(x[test_idx], labels[test_idx]),
-        int(cfg.num_classes),
-        (1, 8, 8),
-    )
+    return Normaliser.from_config(preprocess, images.shape[1])(images)
 
 
 def load_dataset(cfg: DictConfig, seed: int = 0) -> DatasetSplits:
-    """Load the dataset described by ``cfg`` (a ``conf/dataset/*.yaml`` entry)."""
-    if cfg.source == "sklearn" and cfg.name == "digits":
-        return load_sklearn_digits(cfg, seed)
-    raise ValueError(
-        f"Unknown dataset source {cfg.source!r} for dataset {cfg.name!r}; "
-        "see conf/dataset/ for the supported entries"
+    """Load the dataset described by ``cfg`` (a ``conf/dataset/*.yaml`` entry), normalised.
+
+    The whole of both splits is converted to float32 here; federated clients use
+    :func:`flexmoe_core.data.load_client_data`, which converts only their share.
+
+    Raises
+    ------
+    DatasetError
+        See :func:`flexmoe_core.data.raw.load_raw`.
+    """
+    raw = load_raw(cfg, seed)
+    normaliser = Normaliser.from_config(cfg.preprocess, raw.input_shape[0])
+    return DatasetSplits(
+        ArrayDataset(normaliser(raw.train.view()), raw.train.labels),
+        ArrayDataset(normaliser(raw.test.view()), raw.test.labels),
+        raw.num_classes,
+        raw.input_shape,
+        raw.class_names,
     )
