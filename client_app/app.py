@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 from functools import lru_cache
+from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import (
     Array,
@@ -20,7 +23,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from flexmoe_core import protocol as proto
 from flexmoe_core.capacity import parse_capacity, simulated_capacity
-from flexmoe_core.data import ClientData, load_client_data
+from flexmoe_core.checkpoint import (
+    gate_dir,
+    load_gate,
+    pick_gate_version,
+    save_gate,
+    stale_gate_versions,
+)
+from flexmoe_core.data import (
+    ClientData,
+    DatasetError,
+    build_augment,
+    evaluation_subset,
+    load_client_data,
+)
+from flexmoe_core.data.files import resolve_paths
+from flexmoe_core.data.local_node import load_node_data
+from flexmoe_core.faults import InjectedCrashError, draw_fault
 from flexmoe_core.model import (
     MoEClassifier,
     build_model,
@@ -48,36 +67,175 @@ def partition(context: Context) -> tuple[int, int]:
     node = context.node_config
     if "partition-id" not in node or "num-partitions" not in node:
         raise ValueError(
-            "node config lacks partition-id/num-partitions: start the SuperNode with "
-            "--node-config 'partition-id=0 num-partitions=N capacity=K'"
+            f"{describe(context)}: the node config sets neither data-path nor "
+            "partition-id/num-partitions; start the SuperNode with --node-config "
+            "'capacity=K data-path=\"/path/to/data\"' or "
+            "'capacity=K partition-id=0 num-partitions=N'"
         )
     return int(node["partition-id"]), int(node["num-partitions"])
 
 
+def client_key(context: Context) -> int:
+    """Return the node's stable key: ``client-id``, else ``partition-id``, else from the node id.
+
+    The server orders clients, seeds their randomness and keys its checkpoint by
+    this key, so it must survive a restart of the SuperNode; Flower node ids do not.
+    """
+    node = context.node_config
+    for name in ("client-id", "partition-id"):
+        if name in node:
+            return int(node[name])
+    # Node ids are unsigned 64-bit; record values are signed 64-bit integers.
+    return int(context.node_id) % 2**63
+
+
+def seed_offset(context: Context) -> int:
+    """Return the client's share of the seeds: its key, folded into torch's seed range."""
+    return client_key(context) % 2**31
+
+
+def describe(context: Context) -> str:
+    """Name the SuperNode in messages meant for the person who started it."""
+    node = context.node_config
+    shown = [f"{k}={node[k]}" for k in ("client-id", "partition-id", "data-path") if k in node]
+    return f"SuperNode {context.node_id} ({', '.join(shown) or 'no client-id'})"
+
+
 def capacity(cfg: DictConfig, context: Context) -> int:
-    """Return k_c: the node config's ``capacity`` if set, else the simulation profile."""
+    """Return k_c: the node config's ``capacity`` if set, else the simulation profile.
+
+    Raises
+    ------
+    ValueError
+        If the node config's capacity is not an integer in [1, E]; the message names
+        the node and the setting to fix.
+    """
     num_experts = int(cfg.model.num_experts)
     if "capacity" in context.node_config:
-        return parse_capacity(context.node_config["capacity"], num_experts)
+        try:
+            return parse_capacity(
+                context.node_config["capacity"],
+                num_experts,
+                source=f"the node config of {describe(context)}",
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"{err} (restart the SuperNode with --node-config 'capacity=K ...', "
+                f"1 <= K <= {num_experts})"
+            ) from None
+    if "data-path" in context.node_config:
+        raise ValueError(
+            f"{describe(context)} sets data-path but no capacity; add capacity=K "
+            f"(1 <= K <= {num_experts}) to its --node-config"
+        )
     return simulated_capacity(cfg.capacity, partition(context)[0], num_experts, int(cfg.seed))
 
 
 def client_data(cfg: DictConfig, context: Context) -> ClientData:
-    """Return this node's partition of the configured dataset."""
+    """Return this node's data: its files at ``data-path``, or a partition of the dataset."""
+    node = context.node_config
+    if "data-path" in node:
+        return load_node_data(
+            cfg.dataset,
+            cfg.partition,
+            str(node["data-path"]),
+            int(cfg.seed),
+            client_key(context),
+            data_format=str(node["data-format"]) if "data-format" in node else None,
+        )
     partition_id, num_partitions = partition(context)
     return load_client_data(cfg.dataset, cfg.partition, partition_id, num_partitions, int(cfg.seed))
 
 
+def check_data_location(context: Context) -> None:
+    """Fail early (at the capacity query) if the node config cannot locate any data.
+
+    Raises
+    ------
+    ValueError
+        If ``data-path`` names nothing, or neither it nor a partition is configured.
+    """
+    node = context.node_config
+    if "data-path" in node:
+        try:
+            resolve_paths(str(node["data-path"]), setting="data-path")
+        except DatasetError as err:
+            raise ValueError(f"{describe(context)}: {err}") from None
+    else:
+        partition(context)
+
+
+# --------------------------------------------------------------- private gate
+# Each trained gate is kept as a version tagged with its round (see
+# flexmoe_core.checkpoint): in context.state, and on disk when the node config sets
+# ``state-dir`` or the run sets ``checkpoint.client_dir``, so that a resumed run
+# starts every round from the same gate as an uninterrupted one.
+_GATE_VERSION = f"{proto.GATE}@"
+
+
+def _state_versions(context: Context) -> dict[int, str]:
+    return {
+        int(key[len(_GATE_VERSION) :]): key
+        for key in list(context.state.keys())
+        if key.startswith(_GATE_VERSION)
+    }
+
+
+def gate_store(cfg: DictConfig, context: Context) -> Path | None:
+    """Return the node-local folder of this run's gate versions, if one is configured."""
+    root = context.node_config.get("state-dir") or cfg.get("checkpoint", {}).get("client_dir")
+    if not root or not cfg.get("run_name"):
+        return None
+    return gate_dir(str(root), str(cfg.run_name), client_key(context))
+
+
+def load_gate_version(
+    cfg: DictConfig, context: Context, latest_round: int
+) -> dict[str, np.ndarray] | None:
+    """Return the newest gate trained in a round ``<= latest_round``, or None."""
+    in_state = _state_versions(context)
+    chosen = pick_gate_version(in_state, latest_round)
+    store = gate_store(cfg, context)
+    on_disk = load_gate(store, latest_round) if store is not None else None
+    if on_disk is not None and (chosen is None or on_disk[0] > chosen):
+        return on_disk[1]
+    if chosen is None:
+        return None
+    return proto.arrays_to_numpy(context.state[in_state[chosen]])
+
+
+def save_gate_version(
+    cfg: DictConfig, context: Context, server_round: int, gate: dict[str, np.ndarray]
+) -> None:
+    """Keep the gate trained in ``server_round`` (context, and disk if configured).
+
+    ``context.state[proto.GATE]`` also holds the newest gate, for inspection; what
+    training and evaluation load are the versions.
+    """
+    for key in (f"{_GATE_VERSION}{server_round}", proto.GATE):
+        # Separate records: Flower serialises each entry of the state on its own.
+        context.state[key] = ArrayRecord(array_dict={k: Array(v) for k, v in gate.items()})
+    versions = _state_versions(context)
+    for old in stale_gate_versions(versions):
+        del context.state[versions[old]]
+    if (store := gate_store(cfg, context)) is not None:
+        save_gate(store, server_round, gate)
+
+
 def personal_model(
-    cfg: DictConfig, msg: Message, context: Context, data: ClientData
+    cfg: DictConfig, msg: Message, context: Context, data: ClientData, gate_round: int
 ) -> MoEClassifier:
-    """Build the model of the assigned experts, with the server's arrays and our own gate."""
+    """Build the model of the assigned experts, with the server's arrays and our own gate.
+
+    ``gate_round`` is the newest round whose gate may be used: the previous round
+    for training, the current one for evaluation.
+    """
     experts = [int(e) for e in msg.content[proto.CONFIG][proto.EXPERTS]]
-    torch.manual_seed(int(cfg.seed) * 7_919 + partition(context)[0])  # the gate's first init
+    torch.manual_seed(int(cfg.seed) * 7_919 + seed_offset(context))  # the gate's first init
     model = build_model(cfg.model, data.input_shape, data.num_classes, experts)
     load_arrays(model, proto.arrays_to_numpy(msg.content[proto.ARRAYS]))
-    if proto.GATE in context.state:
-        load_arrays(model, proto.arrays_to_numpy(context.state[proto.GATE]))
+    if (gate := load_gate_version(cfg, context, gate_round)) is not None:
+        load_arrays(model, gate)
     return model
 
 
@@ -85,8 +243,9 @@ def personal_model(
 def query(msg: Message, context: Context) -> Message:
     """Answer the server's capacity query before round 1."""
     cfg = run_config(msg)
+    check_data_location(context)
     info = ConfigRecord(
-        {proto.CAPACITY: capacity(cfg, context), proto.CLIENT_KEY: partition(context)[0]}
+        {proto.CAPACITY: capacity(cfg, context), proto.CLIENT_KEY: client_key(context)}
     )
     return Message(RecordDict({proto.INFO: info}), reply_to=msg)
 
@@ -95,8 +254,20 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train backbone, assigned experts and gate; send back all but the gate."""
     cfg = run_config(msg)
+    server_round = int(msg.content[proto.CONFIG][proto.ROUND])
+    key = client_key(context)
+    # Failure injection for simulations (conf `faults:`): decided by (seed, round,
+    # client) alone, so every run with the same seed fails the same way.
+    fault = draw_fault(cfg.get("faults"), int(cfg.seed), server_round, key)
+    if fault.crash:
+        raise InjectedCrashError(
+            f"injected crash of client {key} in round {server_round} "
+            f"(faults.crash_prob={cfg.faults.crash_prob})"
+        )
+    if fault.delay_s > 0:
+        time.sleep(fault.delay_s)
     data = client_data(cfg, context)
-    model = personal_model(cfg, msg, context, data)
+    model = personal_model(cfg, msg, context, data, gate_round=server_round - 1)
     result = train_local(
         model,
         torch.from_numpy(data.train.x),
@@ -108,11 +279,10 @@ def train(msg: Message, context: Context) -> Message:
         weight_decay=float(cfg.train.weight_decay),
         aux_loss_coef=float(cfg.train.aux_loss_coef),
         device=resolve_device(str(cfg.train.device)),
-        seed=int(msg.content[proto.CONFIG][proto.SEED]) + partition(context)[0],
+        seed=int(msg.content[proto.CONFIG][proto.SEED]) + seed_offset(context),
+        augment=build_augment(cfg.dataset),
     )
-    context.state[proto.GATE] = ArrayRecord(
-        array_dict={k: Array(v) for k, v in gate_state(model).items()}
-    )
+    save_gate_version(cfg, context, server_round, gate_state(model))
     metrics = MetricRecord(
         {
             proto.NUM_EXAMPLES: result.num_examples,
@@ -137,15 +307,13 @@ def evaluate_personalised(msg: Message, context: Context) -> Message:
     """Evaluate own gate + assigned experts on the local split (and the global test)."""
     cfg = run_config(msg)
     data = client_data(cfg, context)
-    model = personal_model(cfg, msg, context, data)
+    server_round = int(msg.content[proto.CONFIG][proto.ROUND])
+    model = personal_model(cfg, msg, context, data, gate_round=server_round)
     device = resolve_device(str(cfg.train.device))
     splits = {"local": data.local_test}
     if bool(msg.content[proto.CONFIG].get(proto.GLOBAL_TEST, False)):
         limit = int(cfg.evaluate.global_max_samples)
-        test = data.global_test
-        splits["global"] = (
-            test if limit <= 0 or len(test) <= limit else test.subset(slice(0, limit))
-        )
+        splits["global"] = evaluation_subset(data.global_test, limit, int(cfg.seed))
     metrics: dict[str, float | int] = {}
     for name, split in splits.items():
         res = evaluate(model, torch.from_numpy(split.x), torch.from_numpy(split.y), device=device)

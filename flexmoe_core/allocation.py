@@ -55,17 +55,13 @@ class Allocator(Protocol):
         ...
 
 
-def validate_capacities(
-    capacities: Sequence[int] | np.ndarray, num_experts: int
-) -> np.ndarray:
+def validate_capacities(capacities: Sequence[int] | np.ndarray, num_experts: int) -> np.ndarray:
     """Return capacities as an int array, refusing k_c < 1 or k_c > E with a clear error."""
     caps = np.asarray(capacities)
     if caps.ndim != 1 or caps.size == 0:
         raise InfeasibleAllocationError("capacities must be a non-empty 1-D list")
     if not np.all(np.equal(np.mod(caps, 1), 0)):
-        raise InfeasibleAllocationError(
-            f"capacities must be integers, got {caps.tolist()}"
-        )
+        raise InfeasibleAllocationError(f"capacities must be integers, got {caps.tolist()}")
     caps = caps.astype(int)
     if (bad := np.flatnonzero(caps < 1)).size:
         raise InfeasibleAllocationError(
@@ -101,9 +97,7 @@ def load_bounds(
         base, extra = divmod(total, num_experts)
         lower = np.full(num_experts, base, dtype=int)
         if extra:
-            order = np.lexsort(
-                (rng.random(num_experts), -np.asarray(deficit, dtype=float))
-            )
+            order = np.lexsort((rng.random(num_experts), -np.asarray(deficit, dtype=float)))
             lower[order[:extra]] += 1
         return LoadBounds(lower, lower.copy(), mean_load)
     low = math.floor((1 - epsilon) * mean_load + 1e-9)
@@ -115,9 +109,7 @@ def load_bounds(
     )
 
 
-def check_feasible(
-    capacities: np.ndarray, num_experts: int, bounds: LoadBounds
-) -> None:
+def check_feasible(capacities: np.ndarray, num_experts: int, bounds: LoadBounds) -> None:
     """Refuse load bounds that no assignment can meet, naming the constraint."""
     total, clients = int(capacities.sum()), len(capacities)
     if (bounds.lower > bounds.upper).any():
@@ -156,9 +148,7 @@ def update_deficit(deficit: np.ndarray, assignment: np.ndarray) -> np.ndarray:
     return deficit + loads.mean() - loads
 
 
-def _tie_break(
-    fitness: np.ndarray, noise: float, rng: np.random.Generator
-) -> np.ndarray:
+def _tie_break(fitness: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
     return fitness + noise * rng.random(fitness.shape) if noise > 0 else fitness
 
 
@@ -173,38 +163,44 @@ def _check_inputs(fitness: np.ndarray, capacities: np.ndarray) -> np.ndarray:
 
 
 class FlexAllocator:
-    """The FLEX-MoE assignment, written in cvxpy.
+    """The FLEX-MoE assignment: the load-balanced LP, solved exactly.
 
     maximise sum Q x  s.t.  sum_e x_ce = k_c,  L_e <= sum_c x_ce <= U_e,  0 <= x <= 1.
 
-    The constraint matrix is that of a bipartite b-matching (totally unimodular), so a
-    vertex optimum is 0/1. The solution is checked; if it is not integral (an
-    interior-point solver can stop inside an optimal face) the problem is re-solved
-    with boolean variables.
+    Two solvers give the same optimum on the same tie-broken Q:
+
+    * the **flow** path (:func:`flexmoe_core.allocation_fast.solve_flow`), a min-cost
+      flow on the E experts that scales to 1e5 clients in about a second;
+    * the **cvxpy** reference, the readable formulation to extend (extra constraints,
+      other objectives). The constraint matrix is that of a bipartite b-matching
+      (totally unimodular), so a vertex optimum is 0/1; the solution is checked and,
+      if an interior-point solver stopped inside an optimal face, re-solved with
+      boolean variables.
 
     Parameters
     ----------
     epsilon : float
         Width of the load band around L-bar.
     solver : str
-        ``auto`` (HiGHS when installed, else cvxpy's default) or a cvxpy solver name.
+        ``auto`` or ``flow``: the flow path (it covers every instance of this LP).
+        ``cvxpy``: the reference with HiGHS when installed, else cvxpy's default.
+        Any other value is a cvxpy solver name (``HIGHS``, ``CLARABEL``, ...).
     tie_noise : float
         Scale of the seeded uniform noise added to Q to break ties.
     """
 
     name = "flexmoe"
 
-    def __init__(
-        self, epsilon: float = 0.0, solver: str = "auto", tie_noise: float = 1e-6
-    ):
+    def __init__(self, epsilon: float = 0.0, solver: str = "auto", tie_noise: float = 1e-6):
         if epsilon < 0:
             raise ValueError(f"epsilon={epsilon}: must be >= 0")
         self.epsilon, self.solver, self.tie_noise = epsilon, solver, tie_noise
+        self.uses_flow = solver.lower() in ("auto", "flow")
 
     def _solver_name(self) -> str | None:
         import cvxpy as cp
 
-        if self.solver in ("auto", "cvxpy"):
+        if self.solver.lower() == "cvxpy":
             return "HIGHS" if "HIGHS" in cp.installed_solvers() else None
         return self.solver.upper()
 
@@ -215,8 +211,13 @@ class FlexAllocator:
         deficit: np.ndarray,
         rng: np.random.Generator,
     ) -> Allocation:
-        """Solve the LP for this round's participants."""
-        import cvxpy as cp
+        """Solve the LP for this round's participants.
+
+        The bounds and the tie-breaking noise are drawn from ``rng`` in the same order
+        on both paths, so a seed gives both solvers the same problem.
+        """
+        # Imported here: allocation_fast builds on this module.
+        from .allocation_fast import solve_flow
 
         caps = _check_inputs(fitness, capacities)
         start = time.perf_counter()
@@ -224,38 +225,10 @@ class FlexAllocator:
         bounds = load_bounds(caps, num_experts, self.epsilon, deficit, rng)
         check_feasible(caps, num_experts, bounds)
         noisy = _tie_break(fitness, self.tie_noise, rng)
-
-        def solve(boolean: bool) -> np.ndarray | None:
-            x = cp.Variable(fitness.shape, boolean=boolean)
-            load = cp.sum(x, axis=0)
-            constraints = [
-                cp.sum(x, axis=1) == caps,
-                load >= bounds.lower,
-                load <= bounds.upper,
-            ]
-            if not boolean:
-                constraints += [x >= 0, x <= 1]
-            problem = cp.Problem(
-                cp.Maximize(cp.sum(cp.multiply(noisy, x))), constraints
-            )
-            problem.solve(solver=self._solver_name())
-            if problem.status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
-                raise InfeasibleAllocationError(
-                    f"the solver found no assignment meeting capacities {caps.tolist()} "
-                    f"and load bounds {bounds.lower.tolist()}..{bounds.upper.tolist()}"
-                )
-            return None if x.value is None else np.asarray(x.value)
-
-        method = "lp"
-        relaxed = solve(boolean=False)
-        if relaxed is None or np.abs(relaxed - np.round(relaxed)).max() > 1e-6:
-            method = "milp"
-            relaxed = solve(boolean=True)
-            if relaxed is None:
-                raise RuntimeError(
-                    "cvxpy returned no solution; try strategy.solver=HIGHS"
-                )
-        assignment = np.round(relaxed).astype(bool)
+        if self.uses_flow:
+            assignment, method = solve_flow(noisy, caps, bounds).assignment, "flow"
+        else:
+            assignment, method = self._solve_cvxpy(noisy, caps, bounds)
         verify_assignment(assignment, caps, bounds)
         return Allocation(
             assignment,
@@ -265,16 +238,41 @@ class FlexAllocator:
             bounds,
         )
 
+    def _solve_cvxpy(
+        self, noisy: np.ndarray, caps: np.ndarray, bounds: LoadBounds
+    ) -> tuple[np.ndarray, str]:
+        """Solve with cvxpy; return the 0/1 assignment and ``lp`` or ``milp``."""
+        import cvxpy as cp
 
-def verify_assignment(
-    assignment: np.ndarray, capacities: np.ndarray, bounds: LoadBounds
-) -> None:
+        from .allocation_fast import infeasible_assignment_error
+
+        def solve(boolean: bool) -> np.ndarray | None:
+            x = cp.Variable(noisy.shape, boolean=boolean)
+            load = cp.sum(x, axis=0)
+            constraints = [cp.sum(x, axis=1) == caps, load >= bounds.lower, load <= bounds.upper]
+            if not boolean:
+                constraints += [x >= 0, x <= 1]
+            problem = cp.Problem(cp.Maximize(cp.sum(cp.multiply(noisy, x))), constraints)
+            problem.solve(solver=self._solver_name())
+            if problem.status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
+                raise infeasible_assignment_error(caps, bounds)
+            return None if x.value is None else np.asarray(x.value)
+
+        method = "lp"
+        relaxed = solve(boolean=False)
+        if relaxed is None or np.abs(relaxed - np.round(relaxed)).max() > 1e-6:
+            method = "milp"
+            relaxed = solve(boolean=True)
+            if relaxed is None:
+                raise RuntimeError("cvxpy returned no solution; try strategy.solver=HIGHS")
+        return np.round(relaxed).astype(bool), method
+
+
+def verify_assignment(assignment: np.ndarray, capacities: np.ndarray, bounds: LoadBounds) -> None:
     """Raise if ``assignment`` breaks a capacity or load bound (a solver bug guard)."""
     rows, loads = assignment.sum(axis=1), assignment.sum(axis=0)
     if not np.array_equal(rows, capacities):
-        raise RuntimeError(
-            f"solver broke capacities: {rows.tolist()} != {capacities.tolist()}"
-        )
+        raise RuntimeError(f"solver broke capacities: {rows.tolist()} != {capacities.tolist()}")
     if (loads < bounds.lower).any() or (loads > bounds.upper).any():
         raise RuntimeError(
             f"solver broke load bounds: {loads.tolist()} not in "
@@ -330,9 +328,7 @@ class DenseAllocator:
     def __call__(self, fitness, capacities, deficit, rng) -> Allocation:  # noqa: D102
         _check_inputs(fitness, np.minimum(np.asarray(capacities), fitness.shape[1]))
         assignment = np.ones(fitness.shape, dtype=bool)
-        return Allocation(
-            assignment, assignment_objective(fitness, assignment), 0.0, self.name
-        )
+        return Allocation(assignment, assignment_objective(fitness, assignment), 0.0, self.name)
 
 
 class ExpertChoiceAllocator:
@@ -364,9 +360,7 @@ class ExpertChoiceAllocator:
                 load[expert] += 1
         for client in np.flatnonzero(held < caps):
             free = np.flatnonzero(~assignment[client])
-            take = free[
-                np.argsort(load[free], kind="stable")[: caps[client] - held[client]]
-            ]
+            take = free[np.argsort(load[free], kind="stable")[: caps[client] - held[client]]]
             assignment[client, take] = True
             load[take] += 1
         return Allocation(

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from logging import INFO
+from pathlib import Path
 
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
+from omegaconf import DictConfig, OmegaConf
 
-from flexmoe_core.config import load_config
+from flexmoe_core.checkpoint import (
+    CheckpointError,
+    ServerCheckpoint,
+    checkpoint_path,
+    config_differences,
+    load_checkpoint,
+)
+from flexmoe_core.config import load_config, to_container
 from flexmoe_core.model import build_model, shared_state
 from flexmoe_core.results import RunRecorder, make_run_dir
 
@@ -18,17 +27,84 @@ from .strategy import FlexMoEStrategy, to_array_record
 app = ServerApp()
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Run FLEX-MoE for ``num_rounds`` rounds with the Hydra overrides of the run config."""
-    cfg = load_config(str(context.run_config.get("overrides", "")))
-    run_dir = make_run_dir(cfg)
+def _resume_setting(value: object) -> bool | str | None:
+    """Read ``checkpoint.resume``: None/false (new run), true, or a run directory."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return True
+    text = str(value).strip()
+    if text.lower() in ("", "false", "null", "none"):
+        return None
+    return True if text.lower() == "true" else text
+
+
+def open_run(cfg: DictConfig) -> tuple[DictConfig, Path, ServerCheckpoint | None]:
+    """Pick the run directory, new or to resume, and load its checkpoint if resuming.
+
+    ``checkpoint.resume=<run dir>`` resumes that run (its checkpoint must exist);
+    ``checkpoint.resume=true`` resumes ``<output_root>/<run_name>`` if it holds a
+    checkpoint and starts it otherwise, so the same command both starts a run and
+    picks it up after a crash. The returned configuration carries the run directory's
+    name as ``run_name``: clients key their gate versions by it.
+
+    Raises
+    ------
+    CheckpointError
+        If the checkpoint is missing or unreadable, or the run was configured
+        differently (other than in :data:`flexmoe_core.checkpoint.RESUMABLE_CHANGES`).
+    """
+    resume = _resume_setting(cfg.checkpoint.get("resume"))
+    checkpoint: ServerCheckpoint | None = None
+    if resume is True:
+        if not cfg.get("run_name"):
+            raise CheckpointError(
+                "checkpoint.resume=true needs a fixed run_name (e.g. run_name=my_run) to "
+                "know which run to pick up; or give the run directory: "
+                "checkpoint.resume=/path/to/outputs/<run>"
+            )
+        candidate = Path(str(cfg.output_root)).expanduser().resolve() / str(cfg.run_name)
+        if checkpoint_path(candidate).is_file():
+            run_dir, checkpoint = candidate, load_checkpoint(checkpoint_path(candidate))
+        else:
+            log(INFO, "No checkpoint in %s: starting the run from round 1", candidate)
+            run_dir = make_run_dir(cfg)
+    elif resume is not None:
+        run_dir = Path(resume).expanduser().resolve()
+        checkpoint = load_checkpoint(checkpoint_path(run_dir))
+    else:
+        run_dir = make_run_dir(cfg)
+    if checkpoint is not None and (
+        changed := config_differences(checkpoint.config, to_container(cfg))
+    ):
+        raise CheckpointError(
+            f"cannot resume {run_dir}: the configuration differs from the interrupted "
+            "run's in " + "; ".join(changed) + ". Resume with the same overrides (only "
+            "checkpoint.*, timeouts.*, wandb.*, sweep.*, num_rounds, output_root, run_name and "
+            "train.device may change)."
+        )
+    named = OmegaConf.merge(cfg, {"run_name": run_dir.name})
+    OmegaConf.set_readonly(named, True)
+    assert isinstance(named, DictConfig)
+    return named, run_dir, checkpoint
+
+
+def run(grid: Grid, cfg: DictConfig) -> Path:
+    """Run FLEX-MoE on ``grid`` with configuration ``cfg``; return the run directory."""
+    cfg, run_dir, checkpoint = open_run(cfg)
     log(INFO, "FLEX-MoE results will be written to %s", run_dir)
+    if checkpoint is not None:
+        log(INFO, "Resuming from %s (after round %d)", checkpoint_path(run_dir), checkpoint.round)
     recorder = RunRecorder(run_dir, cfg)
     try:
         torch.manual_seed(int(cfg.seed))
         model = build_model(cfg.model, cfg.dataset.input_shape, int(cfg.dataset.num_classes))
-        strategy = FlexMoEStrategy(cfg, recorder)
+        strategy = FlexMoEStrategy(
+            cfg,
+            recorder,
+            checkpoint_path=checkpoint_path(run_dir) if cfg.checkpoint.enabled else None,
+            resume=checkpoint,
+        )
         strategy.start(
             grid,
             to_array_record(shared_state(model)),
@@ -49,3 +125,10 @@ def main(grid: Grid, context: Context) -> None:
         )
     finally:
         recorder.close()
+    return run_dir
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run FLEX-MoE for ``num_rounds`` rounds with the Hydra overrides of the run config."""
+    run(grid, load_config(str(context.run_config.get("overrides", ""))))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,11 @@ from flexmoe_core import protocol as proto
 from flexmoe_core.aggregation import ClientUpdate, aggregate, check_update
 from flexmoe_core.allocation import Allocation, make_allocator, update_deficit
 from flexmoe_core.capacity import parse_capacity
+from flexmoe_core.checkpoint import (
+    ServerCheckpoint,
+    rewrite_metrics,
+    save_checkpoint,
+)
 from flexmoe_core.config import to_container
 from flexmoe_core.fitness import FitnessTable
 from flexmoe_core.metrics import LoadTracker, nbytes
@@ -38,6 +45,30 @@ from flexmoe_core.results import RunRecorder
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     """Wrap NumPy arrays into an ArrayRecord, keeping their names."""
     return ArrayRecord(array_dict={name: Array(value) for name, value in arrays.items()})
+
+
+# Flower wraps a ClientApp's exception as "<class 'X'>:<'message'>"; in simulation
+# the message carries Ray's traceback and ends with "... Message: <the error>".
+_WRAPPED_REASON = re.compile(r"^<class '([^']*)'>:<'(.*)'>$", re.DOTALL)
+_CLIENTAPP_MESSAGE = "ClientAppException occurred. Message: "
+_ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_reason(reason: str) -> str:
+    """Return a client error's reason on one line, without Flower's and Ray's wrapping."""
+    text = _ANSI_CODES.sub("", reason).strip()
+    if match := _WRAPPED_REASON.match(text):
+        kind, message = match.groups()
+        if _CLIENTAPP_MESSAGE in message:
+            text = message.rsplit(_CLIENTAPP_MESSAGE, 1)[1]
+        else:
+            text = f"{kind.rsplit('.', 1)[-1]}: {message}"
+    return " ".join(text.split())
+
+
+# Round-record keys that measure time: they differ between two runs of the same
+# computation, so equality checks (e.g. of a resumed run) leave them out.
+TIMING_KEYS = ("allocation_time_s", "server_time_s", "round_time_s")
 
 
 @dataclass
@@ -71,11 +102,24 @@ class FlexMoEStrategy(Strategy):
         The resolved run configuration (``conf/``).
     recorder : RunRecorder, optional
         Where per-round metrics, the final model and the summary are written.
+    checkpoint_path : Path, optional
+        Where the server state is written (atomically) after every round.
+    resume : ServerCheckpoint, optional
+        State of an interrupted run: :meth:`start` restores it after discovering the
+        clients and continues with the next round.
     """
 
-    def __init__(self, cfg: DictConfig, recorder: RunRecorder | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        recorder: RunRecorder | None = None,
+        checkpoint_path: Path | None = None,
+        resume: ServerCheckpoint | None = None,
+    ) -> None:
         self.cfg = cfg
         self.recorder = recorder
+        self.checkpoint_path = checkpoint_path
+        self.resume = resume
         self.num_experts = int(cfg.model.num_experts)
         self.allocator = make_allocator(cfg.strategy)
         self.fitness = FitnessTable(
@@ -92,6 +136,9 @@ class FlexMoEStrategy(Strategy):
         self.global_arrays: dict[str, np.ndarray] = {}
         self.history: list[dict[str, Any]] = []
         self.round = RoundState()
+        # Fitness rows of clients known to a checkpoint but absent from this run:
+        # carried into later checkpoints so that they are not lost.
+        self._dormant_fitness: dict[int, np.ndarray] = {}
         self._run_config = json.dumps(to_container(cfg))
 
     # ------------------------------------------------------------------ helpers
@@ -113,6 +160,11 @@ class FlexMoEStrategy(Strategy):
     def round_rng(self, server_round: int) -> np.random.Generator:
         """Return the round's generator: sampling and tie-breaking depend on (seed, round)."""
         return np.random.default_rng([int(self.cfg.seed), server_round])
+
+    def who(self, node: int) -> str:
+        """Name a node for the log: its Flower id and, once known, its client key."""
+        key = self.client_keys.get(node)
+        return f"node {node}" if key is None else f"node {node} (client {key})"
 
     def _config(self, server_round: int, node_id: int, **extra: Any) -> ConfigRecord:
         return ConfigRecord(
@@ -157,26 +209,49 @@ class FlexMoEStrategy(Strategy):
                     f"num_clients={len(nodes)} in the overrides; in deployment start "
                     "more SuperNodes or raise timeouts.wait_for_clients_s."
                 )
-            log(INFO, "Waiting for nodes: %d of %d connected", len(nodes), wanted)
+            log(
+                INFO,
+                "Waiting for nodes: %d of num_clients=%d connected (giving up after "
+                "timeouts.wait_for_clients_s=%.0f s)",
+                len(nodes),
+                wanted,
+                timeout,
+            )
             time.sleep(1.0)
         content = RecordDict({proto.CONFIG: ConfigRecord({proto.RUN_CONFIG: self._run_config})})
         messages = [
             Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes
         ]
+        replied = set()
         for reply in grid.send_and_receive(messages, timeout=self.cfg.timeouts.round_s):
             node = reply.metadata.src_node_id
+            replied.add(node)
             if reply.has_error():
-                log(WARNING, "Node %d left out: %s", node, reply.error.reason)
+                self._refuse(node, error_reason(reply.error.reason))
                 continue
-            info = reply.content[proto.INFO]
             try:
-                self.capacities[node] = parse_capacity(
-                    info[proto.CAPACITY], self.num_experts, source=f"node {node}"
+                info = reply.content[proto.INFO]
+                key = int(info[proto.CLIENT_KEY])
+                capacity = parse_capacity(
+                    info[proto.CAPACITY], self.num_experts, source=f"node {node} (client {key})"
                 )
-            except ValueError as err:
-                log(WARNING, "Node %d left out: %s", node, err)
+            except (KeyError, TypeError, ValueError) as err:
+                self._refuse(node, str(err))
                 continue
-            self.client_keys[node] = int(info[proto.CLIENT_KEY])
+            if (other := self._node_of_key(key)) is not None:
+                self._refuse(
+                    node,
+                    f"client key {key} is already used by node {other}; give every SuperNode "
+                    "its own partition-id or client-id in its node config",
+                )
+                continue
+            self.capacities[node], self.client_keys[node] = capacity, key
+        for node in sorted(set(nodes) - replied):
+            self._refuse(
+                node,
+                "no answer to the capacity query within "
+                f"timeouts.round_s={float(self.cfg.timeouts.round_s):.0f} s",
+            )
         if len(self.capacities) < self.cfg.min_clients_per_round:
             raise RuntimeError(
                 f"Only {len(self.capacities)} nodes reported a valid capacity; "
@@ -186,9 +261,58 @@ class FlexMoEStrategy(Strategy):
         caps = [self.capacities[n] for n in self.ordered_nodes()]
         log(INFO, "Clients: %d, capacities %s (E=%d)", len(caps), caps, self.num_experts)
 
+    def _refuse(self, node: int, why: str) -> None:
+        log(
+            WARNING,
+            "Node %d left out of this run (the run continues with the other nodes): %s",
+            node,
+            why,
+        )
+
+    def _node_of_key(self, key: int) -> int | None:
+        return next((n for n, k in self.client_keys.items() if k == key), None)
+
+    def await_participants(self, grid: Grid, server_round: int) -> list[int]:
+        """Return the known nodes online now, waiting for ``min_clients_per_round`` of them.
+
+        Raises
+        ------
+        RuntimeError
+            If fewer than ``min_clients_per_round`` known nodes are online within
+            ``timeouts.wait_for_clients_s`` (the last checkpoint allows a resume).
+        """
+        wanted = int(self.cfg.min_clients_per_round)
+        timeout = float(self.cfg.timeouts.wait_for_clients_s)
+        deadline = time.monotonic() + timeout
+        while True:
+            connected = set(grid.get_node_ids())
+            online = [n for n in self.ordered_nodes() if n in connected]
+            if len(online) >= wanted:
+                return online
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"Round {server_round}: only {len(online)} of the {len(self.capacities)} "
+                    f"clients of this run are online, fewer than min_clients_per_round="
+                    f"{wanted}, after waiting {timeout:.0f} s (timeouts.wait_for_clients_s). "
+                    "Restart the missing SuperNodes and resume the run with "
+                    "checkpoint.resume=<run dir>, or lower min_clients_per_round."
+                )
+            log(
+                INFO,
+                "Round %d: waiting for clients, %d of at least %d online",
+                server_round,
+                len(online),
+                wanted,
+            )
+            time.sleep(1.0)
+
+    def sort_key(self, node: int) -> tuple[int, int]:
+        """Return a node's place in the run-independent order (client key, then node id)."""
+        return (self.client_keys.get(node, node), node)
+
     def ordered_nodes(self) -> list[int]:
         """Known nodes in a run-independent order (by client key, e.g. partition id)."""
-        return sorted(self.capacities, key=lambda n: (self.client_keys.get(n, n), n))
+        return sorted(self.capacities, key=self.sort_key)
 
     def sample(self, server_round: int, available: Iterable[int] | None = None) -> list[int]:
         """Return this round's participants: ``fraction_train`` of the known nodes."""
@@ -212,7 +336,7 @@ class FlexMoEStrategy(Strategy):
         start = time.perf_counter()
         if not self.global_arrays:
             self.global_arrays = proto.arrays_to_numpy(arrays)
-        participants = self.sample(server_round, grid.get_node_ids())
+        participants = self.sample(server_round, self.await_participants(grid, server_round))
         self.round = RoundState(participants=participants)
         capacities = np.array([self.capacities[n] for n in participants])
         allocation = self.allocator(
@@ -282,13 +406,14 @@ class FlexMoEStrategy(Strategy):
             node = reply.metadata.src_node_id
             replied.add(node)
             if reply.has_error():
-                self.round.failures[node] = f"client error: {reply.error.reason}"
+                reason = error_reason(reply.error.reason)
+                self.round.failures[node] = f"client error: {reason}"
                 log(
                     WARNING,
-                    "Round %d: node %d failed: %s",
+                    "Round %d: %s failed, left out of this round: %s",
                     server_round,
-                    node,
-                    reply.error.reason,
+                    self.who(node),
+                    reason,
                 )
                 continue
             try:
@@ -297,9 +422,9 @@ class FlexMoEStrategy(Strategy):
                 self.round.failures[node] = f"rejected: {err}"
                 log(
                     WARNING,
-                    "Round %d: update of node %d rejected: %s",
+                    "Round %d: update of %s rejected, left out of this round: %s",
                     server_round,
-                    node,
+                    self.who(node),
                     err,
                 )
                 continue
@@ -308,10 +433,21 @@ class FlexMoEStrategy(Strategy):
             metrics = reply.content[proto.METRICS]
             losses.append(float(metrics.get("train-loss", np.nan)))
             accuracies.append(float(metrics.get("train-acc", np.nan)))
-        for node in set(self.round.participants) - replied:
+        for node in sorted(set(self.round.participants) - replied):
             self.round.failures[node] = "no reply within the round timeout"
-            log(WARNING, "Round %d: node %d did not reply in time", server_round, node)
-
+            log(
+                WARNING,
+                "Round %d: %s did not reply within the round timeout, left out of this round",
+                server_round,
+                self.who(node),
+            )
+        # Replies arrive in any order, and floating-point sums depend on the order:
+        # aggregating in client-key order makes a run repeatable (and resumable) bit
+        # for bit.
+        order = sorted(range(len(updates)), key=lambda i: self.sort_key(updates[i].client_id))
+        updates = [updates[i] for i in order]
+        losses = [losses[i] for i in order]
+        accuracies = [accuracies[i] for i in order]
         self.global_arrays = aggregate(
             self.global_arrays, updates, self.cfg.aggregation.expert_weighting
         )
@@ -368,19 +504,22 @@ class FlexMoEStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Average the personalised accuracies, weighted by each split's size."""
-        rows = []
+        keyed = []
         for reply in replies:
             if reply.has_error():
                 node = reply.metadata.src_node_id
                 log(
                     WARNING,
-                    "Round %d: evaluation on node %d failed: %s",
+                    "Round %d: evaluation on %s failed: %s",
                     server_round,
-                    node,
-                    reply.error.reason,
+                    self.who(node),
+                    error_reason(reply.error.reason),
                 )
                 continue
-            rows.append(reply.content[proto.METRICS])
+            keyed.append((self.sort_key(reply.metadata.src_node_id), reply.content[proto.METRICS]))
+        # In client-key order, like the training aggregation: sums do not depend on
+        # the order in which replies arrived.
+        rows = [metrics for _, metrics in sorted(keyed, key=lambda item: item[0])]
         if not rows:
             return None
         out: dict[str, float] = {}
@@ -458,6 +597,91 @@ class FlexMoEStrategy(Strategy):
         if record["failures"]:
             log(WARNING, "[round %d] left out: %s", record["round"], record["failures"])
 
+    # -------------------------------------------------------------- checkpoint
+    def checkpoint_state(self, server_round: int) -> ServerCheckpoint:
+        """Return the state after ``server_round``, keyed by client key (not node id)."""
+        table = self.fitness.state()
+        fitness = dict(self._dormant_fitness)
+        for node, row in zip(table["client_ids"], table["values"], strict=True):  # type: ignore[call-overload]
+            fitness[self.client_keys.get(node, node)] = np.asarray(row, dtype=float)
+        return ServerCheckpoint(
+            round=server_round,
+            global_arrays=dict(self.global_arrays),
+            fitness=fitness,
+            deficit=self.deficit.copy(),
+            loads=self.loads.state(),
+            history=list(self.history),
+            capacities={self.client_keys[n]: c for n, c in self.capacities.items()},
+            config=to_container(self.cfg),
+        )
+
+    def restore(self, checkpoint: ServerCheckpoint) -> int:
+        """Take over an interrupted run's state; return the last round it completed.
+
+        Call after :meth:`discover_clients`: fitness rows are matched to this run's
+        nodes by client key. Rows of clients that did not come back are kept aside
+        (and written to later checkpoints); a client whose capacity changed is
+        warned about, since the run then no longer repeats the interrupted one.
+        """
+        self.global_arrays = {k: v.copy() for k, v in checkpoint.global_arrays.items()}
+        self.deficit = np.asarray(checkpoint.deficit, dtype=float).copy()
+        self.loads.load_state(checkpoint.loads)
+        self.history = [dict(r) for r in checkpoint.history]
+        node_of = {key: node for node, key in self.client_keys.items()}
+        ids, rows = [], []
+        self._dormant_fitness = {}
+        for key, row in checkpoint.fitness.items():
+            if key in node_of:
+                ids.append(node_of[key])
+                rows.append(np.asarray(row, dtype=float))
+            else:
+                self._dormant_fitness[key] = np.asarray(row, dtype=float)
+        self.fitness.load_state(
+            {"client_ids": ids, "values": np.reshape(rows, (len(ids), self.num_experts))}
+        )
+        for key, old in sorted(checkpoint.capacities.items()):
+            if key not in node_of:
+                log(WARNING, "Resume: client %d of the interrupted run did not come back", key)
+            elif (new := self.capacities[node_of[key]]) != old:
+                log(
+                    WARNING,
+                    "Resume: client %d now has capacity %d (was %d); the resumed run "
+                    "will differ from an uninterrupted one",
+                    key,
+                    new,
+                    old,
+                )
+        if self.recorder is not None:
+            rewrite_metrics(self.recorder.run_dir, self.history)
+        log(
+            INFO,
+            "Resumed after round %d of %d (%d of %d clients matched by client key)",
+            checkpoint.round,
+            self.cfg.num_rounds,
+            len(ids),
+            len(checkpoint.fitness),
+        )
+        return int(checkpoint.round)
+
+    def _result_from_history(self, arrays: ArrayRecord) -> Result:
+        """Rebuild the per-round metrics of :class:`Result` from the metric history."""
+        result = Result(arrays=arrays)
+        for record in self.history:
+            server_round = int(record["round"])
+            train = {
+                k: record[k] for k in ("train_loss", "train_acc", "train_examples") if k in record
+            }
+            if train:
+                result.train_metrics_clientapp[server_round] = MetricRecord(train)
+            evaluated = {
+                k: v
+                for k, v in record.items()
+                if k.startswith(("local_", "global_")) and isinstance(v, (int, float))
+            }
+            if evaluated:
+                result.evaluate_metrics_clientapp[server_round] = MetricRecord(evaluated)
+        return result
+
     def start(
         self,
         grid: Grid,
@@ -470,6 +694,10 @@ class FlexMoEStrategy(Strategy):
     ) -> Result:
         """Discover capacities, then run ``num_rounds`` of assign/train/aggregate/evaluate.
 
+        With a checkpoint to resume from, the clients are discovered as usual, the
+        interrupted run's state is restored, and the loop continues after its last
+        completed round. With a checkpoint path, the state is saved after every round.
+
         Returns
         -------
         Result
@@ -478,8 +706,12 @@ class FlexMoEStrategy(Strategy):
         self.summary()
         self.global_arrays = proto.arrays_to_numpy(initial_arrays)
         self.discover_clients(grid)
+        first_round = 1
         result = Result(arrays=initial_arrays)
-        for server_round in range(1, num_rounds + 1):
+        if self.resume is not None:
+            first_round = self.restore(self.resume) + 1
+            result = self._result_from_history(to_array_record(self.global_arrays))
+        for server_round in range(first_round, num_rounds + 1):
             began = time.perf_counter()
             replies = grid.send_and_receive(
                 self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid),
@@ -502,6 +734,11 @@ class FlexMoEStrategy(Strategy):
             record = self.round_record(server_round, time.perf_counter() - began)
             self.history.append(record)
             self.log_round(record)
+            # The checkpoint is written before the metrics line: a run killed in
+            # between is resumed from this round, and the resume rewrites
+            # metrics.jsonl from the checkpoint's history, so no line is lost or doubled.
+            if self.checkpoint_path is not None:
+                save_checkpoint(self.checkpoint_path, self.checkpoint_state(server_round))
             if self.recorder is not None:
                 self.recorder.log_round(record)
         return result

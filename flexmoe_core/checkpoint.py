@@ -1,0 +1,280 @@
+"""Checkpoints: the server's state after a round, and the versions of a client's gate.
+
+The server writes one file, ``<run_dir>/checkpoint.npz``, atomically after every round:
+the global arrays, the fitness table, the deficits, the cumulative loads, the metric
+history, the capacities and the configuration. Everything that is per client is keyed
+by the client's stable key (partition id or ``client-id``), never by Flower node id:
+node ids change when a federation restarts, client keys do not.
+
+A client keeps each gate it trains as a *version* tagged with the round it was
+trained in. Training in round t starts from the newest version older than t, and
+evaluation in round t uses the newest version up to t. A client that already trained
+round t before the server was killed therefore starts the resumed round t from the
+same gate as an uninterrupted run would. Versions live in the client's context and,
+when a directory is configured, on disk, which survives a restart of the federation.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .results import METRICS_FILE, atomic_write_bytes
+
+CHECKPOINT_FILE = "checkpoint.npz"
+FORMAT_VERSION = 1
+# Gate versions a client keeps: the server is at most one round behind a client, so
+# two would do; one more leaves room for a round whose reply was lost.
+KEEP_GATE_VERSIONS = 3
+# Configuration keys that may differ between a run and its resumption: they change
+# where and how long the run waits or logs, not what it computes.
+RESUMABLE_CHANGES = (
+    "checkpoint",
+    "timeouts",
+    "sweep",
+    "wandb",
+    "output_root",
+    "run_name",
+    "num_rounds",
+    "train.device",
+)
+
+_MODEL_PREFIX = "model:"
+_GATE_FILE = re.compile(r"^gate-r(\d+)\.npz$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or does not fit the current run."""
+
+
+@dataclass
+class ServerCheckpoint:
+    """The server's state after round ``round``.
+
+    Attributes
+    ----------
+    round : int
+        The last completed round; a resumed run continues with ``round + 1``.
+    global_arrays : dict of str to ndarray
+        Backbone and all experts.
+    fitness : dict of int to ndarray
+        Fitness row (length E) per client key.
+    deficit : ndarray
+        Historical load deficit H per expert.
+    loads : dict
+        Cumulative loads (:meth:`flexmoe_core.metrics.LoadTracker.state`).
+    history : list of dict
+        The per-round metric records written so far.
+    capacities : dict of int to int
+        Capacity per client key, as reported at discovery.
+    config : dict
+        The run configuration, to check that a resumption computes the same thing.
+    """
+
+    round: int
+    global_arrays: dict[str, np.ndarray]
+    fitness: dict[int, np.ndarray]
+    deficit: np.ndarray
+    loads: dict[str, list[float]]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    capacities: dict[int, int] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_path(run_dir: str | os.PathLike[str]) -> Path:
+    """Return where the checkpoint of ``run_dir`` lives."""
+    return Path(run_dir) / CHECKPOINT_FILE
+
+
+def save_checkpoint(path: str | os.PathLike[str], checkpoint: ServerCheckpoint) -> None:
+    """Write ``checkpoint`` to ``path`` atomically (a reader sees the old or the new one).
+
+    Arrays are stored as they are (dtype and shape preserved, no pickling); the rest
+    goes into a JSON document stored beside them in the same ``.npz`` file.
+    """
+    keys = sorted(checkpoint.fitness)
+    num_experts = len(checkpoint.deficit)
+    fitness = (
+        np.stack([np.asarray(checkpoint.fitness[k], dtype=np.float64) for k in keys])
+        if keys
+        else np.zeros((0, num_experts))
+    )
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "round": int(checkpoint.round),
+        "fitness_keys": [int(k) for k in keys],
+        "loads": checkpoint.loads,
+        "history": checkpoint.history,
+        "capacities": {str(k): int(v) for k, v in checkpoint.capacities.items()},
+        "config": checkpoint.config,
+    }
+    arrays = {f"{_MODEL_PREFIX}{k}": v for k, v in checkpoint.global_arrays.items()}
+    arrays["fitness"] = fitness
+    arrays["deficit"] = np.asarray(checkpoint.deficit, dtype=np.float64)
+    arrays["meta"] = np.frombuffer(json.dumps(meta, default=_json_default).encode(), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def _json_default(value: Any) -> Any:
+    # History records may hold NumPy scalars or arrays (e.g. from metric helpers).
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> ServerCheckpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing or is not a checkpoint of this format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"no checkpoint at {path}: checkpoint.resume must name the run directory "
+            "of an earlier run with checkpoint.enabled=true"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(bytes(data["meta"]).decode())
+            fitness = np.asarray(data["fitness"])
+            deficit = np.asarray(data["deficit"])
+            global_arrays = {
+                k[len(_MODEL_PREFIX) :]: np.asarray(data[k])
+                for k in data.files
+                if k.startswith(_MODEL_PREFIX)
+            }
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint: {err}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {meta.get('format_version')!r}; this version "
+            f"reads format {FORMAT_VERSION}"
+        )
+    keys = [int(k) for k in meta["fitness_keys"]]
+    return ServerCheckpoint(
+        round=int(meta["round"]),
+        global_arrays=global_arrays,
+        fitness={k: fitness[i].copy() for i, k in enumerate(keys)},
+        deficit=deficit,
+        loads=meta["loads"],
+        history=meta["history"],
+        capacities={int(k): int(v) for k, v in meta["capacities"].items()},
+        config=meta["config"],
+    )
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_differences(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    may_change: Iterable[str] = RESUMABLE_CHANGES,
+) -> list[str]:
+    """Return ``key: saved -> current`` for every setting that changes the computation.
+
+    Keys under any of ``may_change`` (a key or a section) are not compared.
+    """
+    allowed = tuple(may_change)
+
+    def compared(key: str) -> bool:
+        return not any(key == a or key.startswith(f"{a}.") for a in allowed)
+
+    old, new = _flatten(saved), _flatten(current)
+    return [
+        f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}"
+        for key in sorted(set(old) | set(new))
+        if compared(key) and old.get(key, "<unset>") != new.get(key, "<unset>")
+    ]
+
+
+def rewrite_metrics(run_dir: str | os.PathLike[str], history: Iterable[Mapping[str, Any]]) -> None:
+    """Replace ``metrics.jsonl`` by ``history``: drops rounds written after the checkpoint.
+
+    A run killed between writing a round's metrics and its checkpoint leaves a line
+    that the resumed run writes again; rewriting from the checkpoint keeps one line
+    per round.
+    """
+    lines = "".join(
+        json.dumps(record, sort_keys=True, default=_json_default) + "\n" for record in history
+    )
+    atomic_write_bytes(Path(run_dir) / METRICS_FILE, lines.encode())
+
+
+# ------------------------------------------------------------------ client gates
+def pick_gate_version(rounds: Iterable[int], latest_round: int) -> int | None:
+    """Return the newest version trained in a round ``<= latest_round`` (None if none)."""
+    eligible = [r for r in rounds if r <= latest_round]
+    return max(eligible) if eligible else None
+
+
+def stale_gate_versions(rounds: Iterable[int], keep: int = KEEP_GATE_VERSIONS) -> list[int]:
+    """Return the versions to drop so that only the ``keep`` newest remain."""
+    ordered = sorted(rounds, reverse=True)
+    return ordered[keep:]
+
+
+def gate_dir(root: str | os.PathLike[str], run_name: str, client_key: int) -> Path:
+    """Return the folder holding one client's gate versions of one run."""
+    if not run_name:
+        raise CheckpointError("gate versions need a run name (the server sends it)")
+    return Path(root).expanduser() / str(run_name) / f"client-{int(client_key)}"
+
+
+def save_gate(
+    directory: str | os.PathLike[str],
+    server_round: int,
+    arrays: Mapping[str, np.ndarray],
+    keep: int = KEEP_GATE_VERSIONS,
+) -> Path:
+    """Write the gate trained in ``server_round`` and drop versions beyond ``keep``."""
+    directory = Path(directory)
+    buffer = io.BytesIO()
+    np.savez(buffer, **dict(arrays))
+    path = directory / f"gate-r{int(server_round)}.npz"
+    atomic_write_bytes(path, buffer.getvalue())
+    versions = _gate_versions(directory)
+    for old in stale_gate_versions(versions, keep):
+        versions[old].unlink(missing_ok=True)
+    return path
+
+
+def load_gate(
+    directory: str | os.PathLike[str], latest_round: int
+) -> tuple[int, dict[str, np.ndarray]] | None:
+    """Return (round, arrays) of the newest gate trained in a round ``<= latest_round``."""
+    versions = _gate_versions(Path(directory))
+    chosen = pick_gate_version(versions, latest_round)
+    if chosen is None:
+        return None
+    with np.load(versions[chosen], allow_pickle=False) as data:
+        return chosen, {k: np.asarray(data[k]) for k in data.files}
+
+
+def _gate_versions(directory: Path) -> dict[int, Path]:
+    if not directory.is_dir():
+        return {}
+    return {int(m.group(1)): p for p in directory.iterdir() if (m := _GATE_FILE.match(p.name))}

@@ -1,0 +1,265 @@
+"""Deployment: SuperNodes with their own capacity and data, TLS, authentication."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+from PIL import Image
+from run_helpers import fast_config, make_grid, node_configs, run_strategy
+
+from client_app.app import capacity, client_key, describe
+from flexmoe_core.data.errors import DatasetError
+from flexmoe_core.data.local_node import load_node_data
+from flexmoe_core.results import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "local_federation.py"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def context(node_config: dict[str, Any], node_id: int = 77) -> Context:
+    return Context(
+        run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={}
+    )
+
+
+# ----------------------------------------------------------- node identity
+def test_client_key_prefers_client_id_then_partition_then_node_id() -> None:
+    assert client_key(context({"client-id": 5, "partition-id": 2})) == 5
+    assert client_key(context({"partition-id": 2, "num-partitions": 3})) == 2
+    assert client_key(context({"data-path": "/data"}, node_id=991)) == 991
+    assert "partition-id=2" in describe(context({"partition-id": 2}))
+
+
+@pytest.mark.parametrize("value", [0, 9, 2.5, "abc"])
+def test_invalid_capacity_names_the_node_and_the_setting(value: object) -> None:
+    cfg = fast_config()
+    with pytest.raises(ValueError) as info:
+        capacity(cfg, context({"partition-id": 4, "num-partitions": 5, "capacity": value}))
+    message = str(info.value)
+    assert "SuperNode 77 (partition-id=4)" in message
+    assert "--node-config 'capacity=K" in message and "1 <= K <= 8" in message
+
+
+def test_nodes_with_bad_settings_are_left_out_and_the_run_goes_on(caplog, tmp_path) -> None:
+    configs = [
+        {"partition-id": 0, "num-partitions": 5, "capacity": 2},
+        {"partition-id": 1, "num-partitions": 5, "capacity": 0},  # invalid capacity
+        {"partition-id": 2, "num-partitions": 5, "capacity": 3},
+        {"partition-id": 2, "num-partitions": 5, "capacity": 3},  # same client key as above
+        {"capacity": 2, "data-path": str(tmp_path / "missing")},  # data that is not there
+    ]
+    caplog.set_level("WARNING")
+    strategy = run_strategy(fast_config(num_clients=5, num_rounds=1), make_grid(5, configs=configs))
+    assert strategy.capacities == {1000: 2, 1002: 3}
+    assert sorted(strategy.history[0]["assignment"]) == ["0", "2"]
+    warnings = [r.getMessage() for r in caplog.records if "left out of this run" in r.getMessage()]
+    assert len(warnings) == 3
+    assert any("Node 1001" in w and "capacity=K" in w and "partition-id=1" in w for w in warnings)
+    assert any(
+        "Node 1003" in w and "client key 2 is already used by node 1002" in w for w in warnings
+    )
+    assert any("Node 1004" in w and "data-path" in w and "missing" in w for w in warnings)
+
+
+# ----------------------------------------------------------- node's own data
+def write_digits_folder(root: Path, classes: range = range(10), per_class: int = 30) -> Path:
+    """Write scikit-learn digits as an image folder ``<class>/<n>.png`` (pixels 0..16)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for label in classes:
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        for n, image in enumerate(digits.images[digits.target == label][:per_class]):
+            Image.fromarray(image.astype(np.uint8), mode="L").save(folder / f"{n}.png")
+    return root
+
+
+def test_node_data_is_the_whole_folder_with_a_seeded_local_split(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FLEXMOE_CACHE_DIR", str(tmp_path / "cache"))
+    folder = write_digits_folder(tmp_path / "node0", classes=range(10), per_class=12)
+    cfg = fast_config()
+    data = load_node_data(cfg.dataset, cfg.partition, str(folder), 0, 3, data_format="imagefolder")
+    assert len(data.train) + len(data.local_test) == 120
+    assert len(data.local_test) == round(120 * float(cfg.partition.local_test_fraction))
+    per_class = np.bincount(data.local_test.y, minlength=10)
+    assert per_class.max() - per_class.min() <= 1  # stratified over the node's classes
+    assert len(data.global_test) == 0 and data.input_shape == (1, 8, 8)
+    again = load_node_data(cfg.dataset, cfg.partition, str(folder), 0, 3, "imagefolder")
+    np.testing.assert_array_equal(again.local_test.x, data.local_test.x)
+    other_key = load_node_data(cfg.dataset, cfg.partition, str(folder), 0, 4, "imagefolder")
+    assert not np.array_equal(other_key.local_test.x, data.local_test.x)
+    with pytest.raises(DatasetError, match="data-format=<imagefolder"):
+        load_node_data(cfg.dataset, cfg.partition, str(folder), 0, 3)  # digits is not a file source
+
+
+def test_nodes_with_own_data_join_partition_nodes(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FLEXMOE_CACHE_DIR", str(tmp_path / "cache"))
+    own = {"data-format": "imagefolder", "capacity": 3}
+    configs = [
+        {
+            "client-id": 10,
+            "data-path": str(write_digits_folder(tmp_path / "a", range(0, 6))),
+            **own,
+        },
+        {
+            "client-id": 11,
+            "data-path": str(write_digits_folder(tmp_path / "b", range(4, 10))),
+            **own,
+        },
+        {**node_configs(3)[2], "capacity": 2},
+    ]
+    strategy = run_strategy(
+        fast_config("evaluate.global_every=1", num_clients=3, num_rounds=1),
+        make_grid(3, configs=configs),
+    )
+    record = strategy.history[0]
+    assert record["accepted"] == 3 and record["failures"] == {}
+    assert {k: len(v) for k, v in record["assignment"].items()} == {"2": 2, "10": 3, "11": 3}
+    # Only the partition node has a global test split.
+    assert "global_acc" in record and "local_acc" in record
+
+
+# ------------------------------------------------------------ real federations
+def federation_env(tmp: Path) -> dict[str, str]:
+    """Environment of everything a test starts: Flower home and caches in ``tmp``."""
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(tmp / "flwr-cli"),
+        HOME=str(tmp / "home"),
+        XDG_CACHE_HOME=str(tmp / "cache"),
+        FLEXMOE_CACHE_DIR=str(tmp / "cache" / "flexmoe"),
+        MPLCONFIGDIR=str(tmp / "cache" / "mpl"),
+        RAY_TMPDIR=str(tmp / "ray"),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    (tmp / "home").mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def script(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _alive(record: dict[str, Any]) -> bool:
+    try:
+        stat = Path(f"/proc/{record['pid']}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return stat[0] != "Z" and int(stat[19]) == record["start_time"]
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A work dir for ``local_federation.py``; whatever it started is stopped afterwards."""
+    env = federation_env(tmp_path)
+    workdir = tmp_path / "fed"
+    yield {"env": env, "workdir": workdir, "tmp": tmp_path}
+    state_file = workdir / "federation.json"
+    if state_file.is_file():
+        stopped = script(env, "stop", str(workdir), timeout=120)
+        state = json.loads(state_file.read_text())
+        left = [p for p in state["processes"] if _alive(p)]
+        for record in left:  # last resort: only the processes this test started
+            os.kill(record["pid"], 9)
+        assert not left, f"stop left processes running: {left}\n{stopped.stdout}{stopped.stderr}"
+
+
+def _logs(workdir: Path) -> str:
+    return "\n".join(
+        f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+        for p in sorted((workdir / "logs").glob("*.log"))
+    )
+
+
+@pytest.mark.e2e
+def test_supernodes_get_exactly_their_capacity(federation: dict[str, Any]) -> None:
+    env, workdir, tmp = federation["env"], federation["workdir"], federation["tmp"]
+    started = script(env, "start", str(workdir), "--nodes", "3", "--capacities", "1,2,4")
+    assert started.returncode == 0, started.stdout + started.stderr + _logs(workdir)
+    assert "flwr run . flexmoe-local --stream" in started.stdout
+    config_toml = (tmp / "flwr-cli" / "config.toml").read_text()
+    assert "[superlink.flexmoe-local]" in config_toml and "insecure = true" in config_toml
+
+    overrides = (
+        f"num_clients=3 num_rounds=2 output_root={tmp / 'out'} run_name=deployed "
+        "train.local_epochs=1 evaluate.every=2 evaluate.global_every=0 "
+        "model.width=8 model.feature_dim=16 model.expert_hidden=16"
+    )
+    command = [str(BIN / "flwr"), "run", ".", "flexmoe-local", "--stream"]
+    flwr = subprocess.run(
+        [*command, "--run-config", f'overrides="{overrides}"'],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    run_dir = tmp / "out" / "deployed"
+    assert (run_dir / "summary.json").is_file(), flwr.stdout + flwr.stderr + _logs(workdir)
+    records = read_metrics(run_dir)
+    assert [r["round"] for r in records] == [1, 2]
+    for record in records:
+        # Client keys are the partition ids; the script gave them capacities 1, 2, 4.
+        assert {k: len(v) for k, v in record["assignment"].items()} == {"0": 1, "1": 2, "2": 4}
+        assert record["accepted"] == 3 and record["failures"] == {}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["capacities"] == {"0": 1, "1": 2, "2": 4}
+    assert summary["final_local_acc"] is not None
+    for name in ("final_model.npz", "checkpoint.npz", "config.yaml"):
+        assert (run_dir / name).is_file()
+
+
+@pytest.mark.e2e
+def test_tls_federation_refuses_an_unregistered_supernode(federation: dict[str, Any]) -> None:
+    env, workdir, tmp = federation["env"], federation["workdir"], federation["tmp"]
+    started = script(env, "start", str(workdir), "--nodes", "1", "--auth", "--name", "secure")
+    assert started.returncode == 0, started.stdout + started.stderr + _logs(workdir)
+    assert "TLS + SuperNode authentication" in started.stdout
+    config_toml = (tmp / "flwr-cli" / "config.toml").read_text()
+    assert "[superlink.secure]" in config_toml and "root-certificates" in config_toml
+    assert "insecure" not in config_toml.split("[superlink.secure]")[1]
+
+    intruder = script(env, "add-node", str(workdir), "--unregistered", "--partition-id", "1")
+    assert intruder.returncode == 1
+    assert "exited" in intruder.stdout
+    log = next((workdir / "logs").glob("*-unregistered.log")).read_text(errors="replace")
+    assert "Failed to activate SuperNode" in log
+
+    listed = subprocess.run(
+        [str(BIN / "flwr"), "supernode", "list", "secure", "--format", "json"],
+        env=env,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    nodes = json.loads(listed.stdout)["nodes"]
+    assert [n["status"] for n in nodes] == ["online"]  # only the registered one, over TLS
