@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from flexmoe_core.checkpoint import (
     load_checkpoint,
 )
 from flexmoe_core.config import load_config, to_container
+from flexmoe_core.data import DatasetError, label_counts, plot_label_distribution
 from flexmoe_core.model import build_model, shared_state
 from flexmoe_core.results import RunRecorder, make_run_dir
 
@@ -89,6 +90,21 @@ def open_run(cfg: DictConfig) -> tuple[DictConfig, Path, ServerCheckpoint | None
     return named, run_dir, checkpoint
 
 
+def save_label_distribution(cfg: DictConfig, run_dir: Path) -> None:
+    """Plot the clients x classes label counts of the simulated partition.
+
+    The server may not see the clients' data (deployed nodes with their own
+    ``data-path``): then the plot is skipped with a warning.
+    """
+    try:
+        counts = label_counts(cfg.dataset, cfg.partition, int(cfg.num_clients), int(cfg.seed))
+    except (DatasetError, OSError) as err:
+        log(WARNING, "No label-distribution plot: %s", err)
+        return
+    title = f"{cfg.dataset.name}, {cfg.partition.type} partition, {cfg.num_clients} clients"
+    plot_label_distribution(counts, run_dir / "label_distribution.png", title)
+
+
 def run(grid: Grid, cfg: DictConfig) -> Path:
     """Run FLEX-MoE on ``grid`` with configuration ``cfg``; return the run directory."""
     cfg, run_dir, checkpoint = open_run(cfg)
@@ -96,6 +112,7 @@ def run(grid: Grid, cfg: DictConfig) -> Path:
     if checkpoint is not None:
         log(INFO, "Resuming from %s (after round %d)", checkpoint_path(run_dir), checkpoint.round)
     recorder = RunRecorder(run_dir, cfg)
+    save_label_distribution(cfg, run_dir)
     try:
         torch.manual_seed(int(cfg.seed))
         model = build_model(cfg.model, cfg.dataset.input_shape, int(cfg.dataset.num_classes))

@@ -110,6 +110,7 @@ def test_results_written_by_the_server_app(tmp_path: Path, tiny_overrides: str) 
     with np.load(run_dir / "final_model.npz") as model:
         assert any(name.startswith("experts.7.") for name in model.files)
         assert not any(name.startswith("gate.") for name in model.files)
+    assert (run_dir / "label_distribution.png").stat().st_size > 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 3 and 0.0 <= summary["final_local_acc"] <= 1.0
 
