@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -26,20 +27,16 @@ def pids_with_env(name: str, value: str) -> list[int]:
 def stop_processes(pids: list[int], grace_s: float = 5.0) -> None:
     """SIGTERM, then SIGKILL what is still alive after ``grace_s``."""
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + grace_s
     alive = list(pids)
     while alive and time.monotonic() < deadline:
         time.sleep(0.2)
         alive = [p for p in alive if Path(f"/proc/{p}").exists() and not _zombie(p)]
     for pid in alive:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _zombie(pid: int) -> bool:

@@ -119,5 +119,5 @@ def test_training_refuses_a_diverging_loss(cfg) -> None:
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
     with torch.no_grad():
         model.gate.weight.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="lower train.lr"):
+    with pytest.raises(FloatingPointError, match=r"lower train\.lr"):
         train_local(model, x, y, epochs=1, batch_size=8, lr=0.1)

@@ -62,7 +62,7 @@ def test_gate_stays_home_and_keeps_learning(tiny_overrides: str) -> None:
 
     def spy(node: int, reply):
         if reply.metadata.message_type == "train" and not reply.has_error():
-            assert not any(k.startswith("gate.") for k in reply.content[protocol.ARRAYS].keys())
+            assert not any(k.startswith("gate.") for k in reply.content[protocol.ARRAYS])
             if node == 1003:  # capacity 4: its gate has choices to learn
                 gate = grid.contexts[node].state[protocol.GATE]
                 gates.append(protocol.arrays_to_numpy(gate)["gate.weight"].copy())
