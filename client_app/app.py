@@ -22,7 +22,6 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 
 from flexmoe_core import protocol as proto
-from flexmoe_core.capacity import parse_capacity, simulated_capacity
 from flexmoe_core.checkpoint import (
     gate_dir,
     load_gate,
@@ -32,12 +31,10 @@ from flexmoe_core.checkpoint import (
 )
 from flexmoe_core.data import (
     ClientData,
-    DatasetError,
     build_augment,
     evaluation_subset,
     load_client_data,
 )
-from flexmoe_core.data.files import resolve_paths
 from flexmoe_core.data.local_node import load_node_data
 from flexmoe_core.faults import InjectedCrashError, draw_fault
 from flexmoe_core.model import (
@@ -47,6 +44,7 @@ from flexmoe_core.model import (
     load_arrays,
     shared_state,
 )
+from flexmoe_core.node import NodeSettings
 from flexmoe_core.training import evaluate, resolve_device, train_local
 
 app = ClientApp()
@@ -62,107 +60,25 @@ def run_config(msg: Message) -> DictConfig:
     return _parse_config(str(msg.content[proto.CONFIG][proto.RUN_CONFIG]))
 
 
-def partition(context: Context) -> tuple[int, int]:
-    """Return (partition id, number of partitions) from the node config."""
-    node = context.node_config
-    if "partition-id" not in node or "num-partitions" not in node:
-        raise ValueError(
-            f"{describe(context)}: the node config sets neither data-path nor "
-            "partition-id/num-partitions; start the SuperNode with --node-config "
-            "'capacity=K data-path=\"/path/to/data\"' or "
-            "'capacity=K partition-id=0 num-partitions=N'"
-        )
-    return int(node["partition-id"]), int(node["num-partitions"])
-
-
-def client_key(context: Context) -> int:
-    """Return the node's stable key: ``client-id``, else ``partition-id``, else from the node id.
-
-    The server orders clients, seeds their randomness and keys its checkpoint by
-    this key, so it must survive a restart of the SuperNode; Flower node ids do not.
-    """
-    node = context.node_config
-    for name in ("client-id", "partition-id"):
-        if name in node:
-            return int(node[name])
-    # Node ids are unsigned 64-bit; record values are signed 64-bit integers.
-    return int(context.node_id) % 2**63
-
-
-def seed_offset(context: Context) -> int:
-    """Return the client's share of the seeds: its key, folded into torch's seed range."""
-    return client_key(context) % 2**31
-
-
-def describe(context: Context) -> str:
-    """Name the SuperNode in messages meant for the person who started it."""
-    node = context.node_config
-    shown = [f"{k}={node[k]}" for k in ("client-id", "partition-id", "data-path") if k in node]
-    return f"SuperNode {context.node_id} ({', '.join(shown) or 'no client-id'})"
-
-
-def capacity(cfg: DictConfig, context: Context) -> int:
-    """Return k_c: the node config's ``capacity`` if set, else the simulation profile.
-
-    Raises
-    ------
-    ValueError
-        If the node config's capacity is not an integer in [1, E]; the message names
-        the node and the setting to fix.
-    """
-    num_experts = int(cfg.model.num_experts)
-    if "capacity" in context.node_config:
-        try:
-            return parse_capacity(
-                context.node_config["capacity"],
-                num_experts,
-                source=f"the node config of {describe(context)}",
-            )
-        except ValueError as err:
-            raise ValueError(
-                f"{err} (restart the SuperNode with --node-config 'capacity=K ...', "
-                f"1 <= K <= {num_experts})"
-            ) from None
-    if "data-path" in context.node_config:
-        raise ValueError(
-            f"{describe(context)} sets data-path but no capacity; add capacity=K "
-            f"(1 <= K <= {num_experts}) to its --node-config"
-        )
-    return simulated_capacity(cfg.capacity, partition(context)[0], num_experts, int(cfg.seed))
+def node(context: Context) -> NodeSettings:
+    """Return the node's settings (identity, data location, capacity) from its context."""
+    return NodeSettings(int(context.node_id), context.node_config)
 
 
 def client_data(cfg: DictConfig, context: Context) -> ClientData:
     """Return this node's data: its files at ``data-path``, or a partition of the dataset."""
-    node = context.node_config
-    if "data-path" in node:
+    settings = node(context)
+    if "data-path" in settings.config:
         return load_node_data(
             cfg.dataset,
             cfg.partition,
-            str(node["data-path"]),
+            str(settings.config["data-path"]),
             int(cfg.seed),
-            client_key(context),
-            data_format=str(node["data-format"]) if "data-format" in node else None,
+            settings.client_key(),
+            data_format=str(settings.config.get("data-format") or "") or None,
         )
-    partition_id, num_partitions = partition(context)
+    partition_id, num_partitions = settings.partition()
     return load_client_data(cfg.dataset, cfg.partition, partition_id, num_partitions, int(cfg.seed))
-
-
-def check_data_location(context: Context) -> None:
-    """Fail early (at the capacity query) if the node config cannot locate any data.
-
-    Raises
-    ------
-    ValueError
-        If ``data-path`` names nothing, or neither it nor a partition is configured.
-    """
-    node = context.node_config
-    if "data-path" in node:
-        try:
-            resolve_paths(str(node["data-path"]), setting="data-path")
-        except DatasetError as err:
-            raise ValueError(f"{describe(context)}: {err}") from None
-    else:
-        partition(context)
 
 
 # --------------------------------------------------------------- private gate
@@ -186,7 +102,7 @@ def gate_store(cfg: DictConfig, context: Context) -> Path | None:
     root = context.node_config.get("state-dir") or cfg.get("checkpoint", {}).get("client_dir")
     if not root or not cfg.get("run_name"):
         return None
-    return gate_dir(str(root), str(cfg.run_name), client_key(context))
+    return gate_dir(str(root), str(cfg.run_name), node(context).client_key())
 
 
 def load_gate_version(
@@ -231,7 +147,7 @@ def personal_model(
     for training, the current one for evaluation.
     """
     experts = [int(e) for e in msg.content[proto.CONFIG][proto.EXPERTS]]
-    torch.manual_seed(int(cfg.seed) * 7_919 + seed_offset(context))  # the gate's first init
+    torch.manual_seed(int(cfg.seed) * 7_919 + node(context).seed_offset())  # the gate's first init
     model = build_model(cfg.model, data.input_shape, data.num_classes, experts)
     load_arrays(model, proto.arrays_to_numpy(msg.content[proto.ARRAYS]))
     if (gate := load_gate_version(cfg, context, gate_round)) is not None:
@@ -243,9 +159,10 @@ def personal_model(
 def query(msg: Message, context: Context) -> Message:
     """Answer the server's capacity query before round 1."""
     cfg = run_config(msg)
-    check_data_location(context)
+    settings = node(context)
+    settings.check_data_location()
     info = ConfigRecord(
-        {proto.CAPACITY: capacity(cfg, context), proto.CLIENT_KEY: client_key(context)}
+        {proto.CAPACITY: settings.capacity(cfg), proto.CLIENT_KEY: settings.client_key()}
     )
     return Message(RecordDict({proto.INFO: info}), reply_to=msg)
 
@@ -255,7 +172,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train backbone, assigned experts and gate; send back all but the gate."""
     cfg = run_config(msg)
     server_round = int(msg.content[proto.CONFIG][proto.ROUND])
-    key = client_key(context)
+    key = node(context).client_key()
     # Failure injection for simulations (conf `faults:`): decided by (seed, round,
     # client) alone, so every run with the same seed fails the same way.
     fault = draw_fault(cfg.get("faults"), int(cfg.seed), server_round, key)
@@ -279,7 +196,7 @@ def train(msg: Message, context: Context) -> Message:
         weight_decay=float(cfg.train.weight_decay),
         aux_loss_coef=float(cfg.train.aux_loss_coef),
         device=resolve_device(str(cfg.train.device)),
-        seed=int(msg.content[proto.CONFIG][proto.SEED]) + seed_offset(context),
+        seed=int(msg.content[proto.CONFIG][proto.SEED]) + node(context).seed_offset(),
         augment=build_augment(cfg.dataset),
     )
     save_gate_version(cfg, context, server_round, gate_state(model))

@@ -13,13 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, RecordDict
 from PIL import Image
 from run_helpers import fast_config, make_grid, node_configs, run_strategy
 
-from client_app.app import capacity, client_key, describe
 from flexmoe_core.data.errors import DatasetError
 from flexmoe_core.data.local_node import load_node_data
+from flexmoe_core.node import NodeSettings
 from flexmoe_core.results import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,25 +34,23 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def context(node_config: dict[str, Any], node_id: int = 77) -> Context:
-    return Context(
-        run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={}
-    )
+def node(node_config: dict[str, Any], node_id: int = 77) -> NodeSettings:
+    return NodeSettings(node_id, node_config)
 
 
 # ----------------------------------------------------------- node identity
 def test_client_key_prefers_client_id_then_partition_then_node_id() -> None:
-    assert client_key(context({"client-id": 5, "partition-id": 2})) == 5
-    assert client_key(context({"partition-id": 2, "num-partitions": 3})) == 2
-    assert client_key(context({"data-path": "/data"}, node_id=991)) == 991
-    assert "partition-id=2" in describe(context({"partition-id": 2}))
+    assert node({"client-id": 5, "partition-id": 2}).client_key() == 5
+    assert node({"partition-id": 2, "num-partitions": 3}).client_key() == 2
+    assert node({"data-path": "/data"}, node_id=991).client_key() == 991
+    assert "partition-id=2" in node({"partition-id": 2}).describe()
 
 
 @pytest.mark.parametrize("value", [0, 9, 2.5, "abc"])
 def test_invalid_capacity_names_the_node_and_the_setting(value: object) -> None:
     cfg = fast_config()
     with pytest.raises(ValueError) as info:
-        capacity(cfg, context({"partition-id": 4, "num-partitions": 5, "capacity": value}))
+        node({"partition-id": 4, "num-partitions": 5, "capacity": value}).capacity(cfg)
     message = str(info.value)
     assert "SuperNode 77 (partition-id=4)" in message
     assert "--node-config 'capacity=K" in message and "1 <= K <= 8" in message
