@@ -280,7 +280,35 @@ def verify_assignment(assignment: np.ndarray, capacities: np.ndarray, bounds: Lo
         )
 
 
-class GreedyAllocator:
+class _BaselineAllocator:
+    """Shared frame of the baselines: check the inputs, time :meth:`assign`, report."""
+
+    name = "baseline"
+
+    def assign(self, fitness: np.ndarray, caps: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Return the (clients, E) boolean assignment."""
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        fitness: np.ndarray,
+        capacities: np.ndarray,
+        deficit: np.ndarray,
+        rng: np.random.Generator,
+    ) -> Allocation:
+        """Return this round's assignment (the deficit is not used by baselines)."""
+        caps = _check_inputs(fitness, capacities)
+        start = time.perf_counter()
+        assignment = self.assign(fitness, caps, rng)
+        return Allocation(
+            assignment,
+            assignment_objective(fitness, assignment),
+            time.perf_counter() - start,
+            self.name,
+        )
+
+
+class GreedyAllocator(_BaselineAllocator):
     """Each client takes its top-k_c experts by fitness; no balance constraint."""
 
     name = "greedy"
@@ -288,36 +316,19 @@ class GreedyAllocator:
     def __init__(self, tie_noise: float = 1e-6) -> None:
         self.tie_noise = tie_noise
 
-    def __call__(self, fitness, capacities, deficit, rng) -> Allocation:  # noqa: D102
-        caps = _check_inputs(fitness, capacities)
-        start = time.perf_counter()
+    def assign(self, fitness, caps, rng) -> np.ndarray:  # noqa: D102
         order = np.argsort(-_tie_break(fitness, self.tie_noise, rng), axis=1)
-        assignment = np.arange(fitness.shape[1])[None, :] < caps[:, None]
-        assignment = np.take_along_axis(assignment, np.argsort(order, axis=1), axis=1)
-        return Allocation(
-            assignment,
-            assignment_objective(fitness, assignment),
-            time.perf_counter() - start,
-            self.name,
-        )
+        top = np.arange(fitness.shape[1])[None, :] < caps[:, None]
+        return np.take_along_axis(top, np.argsort(order, axis=1), axis=1)
 
 
-class RandomAllocator:
+class RandomAllocator(_BaselineAllocator):
     """A uniformly random k_c-subset for every client, every round."""
 
     name = "random"
 
-    def __call__(self, fitness, capacities, deficit, rng) -> Allocation:  # noqa: D102
-        caps = _check_inputs(fitness, capacities)
-        start = time.perf_counter()
-        ranks = np.argsort(rng.random(fitness.shape), axis=1)
-        assignment = ranks < caps[:, None]
-        return Allocation(
-            assignment,
-            assignment_objective(fitness, assignment),
-            time.perf_counter() - start,
-            self.name,
-        )
+    def assign(self, fitness, caps, rng) -> np.ndarray:  # noqa: D102
+        return np.argsort(rng.random(fitness.shape), axis=1) < caps[:, None]
 
 
 class DenseAllocator:
@@ -331,7 +342,7 @@ class DenseAllocator:
         return Allocation(assignment, assignment_objective(fitness, assignment), 0.0, self.name)
 
 
-class ExpertChoiceAllocator:
+class ExpertChoiceAllocator(_BaselineAllocator):
     """Experts pick their top clients by fitness up to an equal quota ceil(sum k / E).
 
     Pairs are visited in decreasing fitness; a pair is taken while the expert is under
@@ -344,9 +355,7 @@ class ExpertChoiceAllocator:
     def __init__(self, tie_noise: float = 1e-6) -> None:
         self.tie_noise = tie_noise
 
-    def __call__(self, fitness, capacities, deficit, rng) -> Allocation:  # noqa: D102
-        caps = _check_inputs(fitness, capacities)
-        start = time.perf_counter()
+    def assign(self, fitness, caps, rng) -> np.ndarray:  # noqa: D102
         clients, num_experts = fitness.shape
         quota = math.ceil(caps.sum() / num_experts)
         noisy = _tie_break(fitness, self.tie_noise, rng)
@@ -363,12 +372,7 @@ class ExpertChoiceAllocator:
             take = free[np.argsort(load[free], kind="stable")[: caps[client] - held[client]]]
             assignment[client, take] = True
             load[take] += 1
-        return Allocation(
-            assignment,
-            assignment_objective(fitness, assignment),
-            time.perf_counter() - start,
-            self.name,
-        )
+        return assignment
 
 
 def make_allocator(strategy_cfg) -> Allocator:
