@@ -6,9 +6,11 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -71,3 +73,23 @@ def tiny_overrides(tmp_path: Path) -> str:
         f"num_clients=4 num_rounds=3 train.local_epochs=1 evaluate.global_every=3 "
         f"capacity.profile=list capacity.values=[1,2,3,4] output_root={tmp_path}/out"
     )
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: bit-for-bit comparisons need the same reduction order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def isolated_data_caches(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keep the dataset cache, Hugging Face and Matplotlib files out of the home folder."""
+    base = tmp_path_factory.getbasetemp() / "home-caches"
+    for var, sub in (("FLEXMOE_CACHE_DIR", "flexmoe"), ("HF_HOME", "hf"), ("MPLCONFIGDIR", "mpl")):
+        monkeypatch.setenv(var, str(base / sub))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # tests never touch the network

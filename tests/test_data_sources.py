@@ -35,6 +35,8 @@ from flexmoe_core.data import (
 )
 from flexmoe_core.data.cache import load_or_build
 
+pytestmark = pytest.mark.usefixtures("isolated_data_caches")
+
 GTSRB_TRAIN_COUNTS = [210, 2220, 2250, 1410, 1980, 1860, 420, 1440, 1410, 1470, 2010, 1320,
     2100, 2160, 780, 630, 420, 1110, 1200, 210, 360, 330, 390, 510, 270, 1500, 600, 240, 540,
     270, 450, 780, 240, 689, 420, 1200, 390, 210, 2070, 300, 360, 240, 240]  # fmt: skip
@@ -42,15 +44,6 @@ GTSRB_TEST_COUNTS = [60, 720, 750, 450, 660, 630, 150, 450, 450, 480, 660, 420, 
     270, 210, 150, 360, 390, 60, 90, 90, 120, 150, 90, 480, 180, 60, 150, 90, 150, 270, 60,
     210, 120, 390, 120, 60, 690, 90, 90, 60, 90]  # fmt: skip
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-
-
-@pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """Keep the dataset cache, Hugging Face and Matplotlib files out of the home folder."""
-    base = tmp_path_factory.getbasetemp() / "home-caches"
-    for var, sub in (("FLEXMOE_CACHE_DIR", "flexmoe"), ("HF_HOME", "hf"), ("MPLCONFIGDIR", "mpl")):
-        monkeypatch.setenv(var, str(base / sub))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # tests never touch the network
 
 
 @pytest.fixture(scope="session")

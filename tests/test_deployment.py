@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from run_helpers import fast_config, make_grid, node_configs, run_strategy
 
@@ -21,17 +20,11 @@ from flexmoe_core.data.local_node import load_node_data
 from flexmoe_core.node import NodeSettings
 from flexmoe_core.results import read_metrics
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "local_federation.py"
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def node(node_config: dict[str, Any], node_id: int = 77) -> NodeSettings:

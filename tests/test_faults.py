@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Array, Message, MessageType
 from inprocess_grid import InProcessGrid
 from run_helpers import (
@@ -26,17 +25,9 @@ from flexmoe_core.faults import NO_FAULT, Fault, draw_fault, validate_faults
 from flexmoe_core.model import expert_key, split_expert_key
 from server_app.strategy import FlexMoEStrategy, error_reason, to_array_record
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VICTIM = 1001  # node id of client 1 in the in-process grid
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # One intra-op thread: the machine is shared, and results compared bit for bit
-    # must come from the same reduction order (the thread count changes it).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------ fault draws

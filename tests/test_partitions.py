@@ -21,16 +21,9 @@ from flexmoe_core.data import (
     plot_label_distribution,
 )
 
+pytestmark = pytest.mark.usefixtures("isolated_data_caches")
+
 LABELS = np.repeat(np.arange(10), 300)  # 3,000 samples, grouped by class like real sources
-
-
-@pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """Keep the dataset cache, Hugging Face and Matplotlib files out of the home folder."""
-    base = tmp_path_factory.getbasetemp() / "home-caches"
-    for var, sub in (("FLEXMOE_CACHE_DIR", "flexmoe"), ("HF_HOME", "hf"), ("MPLCONFIGDIR", "mpl")):
-        monkeypatch.setenv(var, str(base / sub))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # tests never touch the network
 
 
 def _part(kind: str, **extra: object):

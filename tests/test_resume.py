@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Message, MessageType
 from inprocess_grid import InProcessGrid
 from run_helpers import (
@@ -37,17 +36,10 @@ from flexmoe_core.checkpoint import (
 from flexmoe_core.results import METRICS_FILE, MODEL_FILE, SUMMARY_FILE, RunRecorder, read_metrics
 from server_app.app import run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROUNDS = 3
 CLIENTS = 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Bit-for-bit comparisons need the same reduction order in every run.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Killed(BaseException):
