@@ -121,7 +121,7 @@ def test_unheld_experts_keep_their_value(tiny_overrides: str) -> None:
     initial = shared_state(model)
     strategy = FlexMoEStrategy(cfg)
     strategy.start(InProcessGrid(client_app, nodes(4)), to_array_record(initial), num_rounds=1)
-    held = {e for experts in strategy.round.assignment.values() for e in experts}
+    held = {e for experts in strategy.history[0]["assignment"].values() for e in experts}
     assert len(held) == 4
     for name, value in strategy.global_arrays.items():
         if name.startswith("experts."):
@@ -134,7 +134,7 @@ def test_greedy_through_the_same_override(tiny_overrides: str) -> None:
         tiny_overrides + " strategy=greedy capacity.profile=constant capacity.value=2"
     )
     strategy = run(cfg, InProcessGrid(client_app, nodes(4)))
-    assert strategy.allocator.name == "greedy"
+    assert strategy.state.allocator.name == "greedy"
     # q0 = 1 is optimistic: greedy tries untried experts, and its loads are unbalanced
     assert any(r["load_clients_cv"] > 0 for r in strategy.history)
 
@@ -149,14 +149,22 @@ def test_capacity_from_node_config_and_invalid_nodes_left_out(
     grid = InProcessGrid(client_app, configs)
     with caplog.at_level(logging.WARNING, logger="flwr"):
         strategy = run(cfg, grid)
-    assert strategy.capacities == {1000: 3, 1001: 2}
+    assert strategy.roster.capacities() == {0: 3, 1: 2}
     assert "Node 1002 left out" in caplog.text and "[1, 8]" in caplog.text
 
 
-def test_missing_nodes_time_out_with_advice(tiny_overrides: str) -> None:
-    cfg = load_config(tiny_overrides + " num_clients=6 timeouts.wait_for_clients_s=0")
-    with pytest.raises(RuntimeError, match="num-supernodes=6"):
-        run(cfg, InProcessGrid(client_app, nodes(4)))
+def test_the_federation_sets_the_number_of_clients(
+    tiny_overrides: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Flower gives each simulated SuperNode num-partitions = num-supernodes: a run
+    # trains the federation's clients, and says so when num_clients disagrees.
+    cfg = load_config(tiny_overrides + " num_clients=6 num_rounds=1 timeouts.wait_for_clients_s=0")
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        strategy = run(cfg, InProcessGrid(client_app, nodes(4)))
+    assert sorted(strategy.history[0]["assignment"]) == ["0", "1", "2", "3"]
+    assert "num_clients=6, but the SuperNodes declare num-partitions=4" in caplog.text
+    assert "num-supernodes=6" in caplog.text
+    assert strategy.final_summary()["clients"] == 4
 
 
 def test_a_crashed_client_does_not_stop_the_round(tiny_overrides: str) -> None:

@@ -1,0 +1,135 @@
+"""Flower messages to and from the round state's plain types (client keys, arrays)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from flexmoe_core import protocol as proto
+from flexmoe_core.aggregation import ClientUpdate
+from flexmoe_core.round_state import ClientReply, RoundPlan
+
+# Flower's error code of the replies the SuperLink makes for a message whose node
+# stopped sending heartbeats (flwr.common.constant.ErrorCode.NODE_UNAVAILABLE).
+NODE_UNAVAILABLE = 5
+
+# Flower wraps a ClientApp's exception as "<class 'X'>:<'message'>"; in simulation
+# the message carries Ray's traceback and ends with "... Message: <the error>".
+_WRAPPED_REASON = re.compile(r"^<class '([^']*)'>:<'(.*)'>$", re.DOTALL)
+_CLIENTAPP_MESSAGE = "ClientAppException occurred. Message: "
+_ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_reason(reason: str) -> str:
+    """Return a client error's reason on one line, without Flower's and Ray's wrapping."""
+    text = _ANSI_CODES.sub("", reason).strip()
+    if match := _WRAPPED_REASON.match(text):
+        kind, message = match.groups()
+        if _CLIENTAPP_MESSAGE in message:
+            text = message.rsplit(_CLIENTAPP_MESSAGE, 1)[1]
+        else:
+            text = f"{kind.rsplit('.', 1)[-1]}: {message}"
+    return " ".join(text.split())
+
+
+def to_array_record(arrays: Mapping[str, np.ndarray | Array]) -> ArrayRecord:
+    """Wrap arrays (NumPy, or Flower Arrays serialised once) into an ArrayRecord."""
+    return ArrayRecord(
+        array_dict={k: v if isinstance(v, Array) else Array(v) for k, v in arrays.items()}
+    )
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Return the bytes Flower sends for an ArrayRecord: its serialised arrays."""
+    return int(sum(len(array.data) for array in record.values()))
+
+
+class Encoder:
+    """Builds one round's messages, serialising each global array once for all nodes."""
+
+    def __init__(self, plan: RoundPlan, run_config: str) -> None:
+        self.plan, self.run_config = plan, run_config
+        self._arrays: dict[str, Array] = {}
+
+    def _record(self, key: int) -> ArrayRecord:
+        for name, value in self.plan.arrays[key].items():
+            if name not in self._arrays:
+                self._arrays[name] = Array(value)
+        return to_array_record({n: self._arrays[n] for n in self.plan.arrays[key]})
+
+    def message(self, key: int, node: int) -> tuple[Message, int]:
+        """Return the message for client ``key`` at ``node``, and its array bytes."""
+        arrays = self._record(key)
+        config = {
+            proto.ROUND: self.plan.round,
+            proto.EXPERTS: [int(e) for e in self.plan.experts[key]],
+            proto.RUN_CONFIG: self.run_config,
+            proto.SEED: self.plan.seed,
+            proto.EVALUATE: self.plan.evaluates is not None,
+            proto.GLOBAL_TEST: self.plan.global_test,
+        }
+        kind = MessageType.TRAIN if self.plan.trains else MessageType.EVALUATE
+        content = RecordDict({proto.ARRAYS: arrays, proto.CONFIG: ConfigRecord(config)})
+        return Message(content, dst_node_id=node, message_type=kind), record_bytes(arrays)
+
+
+def query_message(node: int, run_config: str) -> Message:
+    """Return the capacity query for ``node``."""
+    content = RecordDict({proto.CONFIG: ConfigRecord({proto.RUN_CONFIG: run_config})})
+    return Message(content, dst_node_id=node, message_type=MessageType.QUERY)
+
+
+def decode_info(reply: Message) -> tuple[int, object, int | None]:
+    """Return (client key, capacity as sent, partition count or None) of a reply's info.
+
+    Raises
+    ------
+    ValueError
+        If the reply carries no readable info.
+    """
+    try:
+        info = reply.content[proto.INFO]
+        partitions = info.get(proto.NUM_PARTITIONS)
+        return (
+            int(info[proto.CLIENT_KEY]),
+            info[proto.CAPACITY],
+            None if partitions is None else int(partitions),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"malformed capacity answer: {err!r}") from None
+
+
+def decode_reply(reply: Message, key: int, trained: bool) -> ClientReply:
+    """Return a train (or evaluation-only) reply as the round state reads it.
+
+    Raises
+    ------
+    ValueError
+        If the reply is malformed (it is then rejected with this reason).
+    """
+    try:
+        content = reply.content
+        evaluation = None
+        if proto.EVALUATION in content:
+            evaluation = proto.decode_evaluation(content[proto.EVALUATION])
+        if not trained:
+            return ClientReply(key, evaluation=evaluation)
+        metrics = content[proto.METRICS]
+        update = ClientUpdate(
+            key,
+            proto.arrays_to_numpy(content[proto.ARRAYS]),
+            int(metrics[proto.NUM_EXAMPLES]),
+            proto.decode_feedback(content[proto.FEEDBACK]),
+        )
+        return ClientReply(
+            key,
+            update,
+            float(metrics.get("train-loss", np.nan)),
+            float(metrics.get("train-acc", np.nan)),
+            evaluation,
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"malformed reply: {err}") from None
