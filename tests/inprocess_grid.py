@@ -55,6 +55,7 @@ class InProcessGrid(Grid):
         for config in node_configs:
             self.add_node(config)
         self.fail, self.tamper = fail, tamper
+        self.offline: set[int] = set()  # nodes no longer listed (gone, or heartbeat expired)
         self.sent: list[Message] = []
         self._replies: dict[str, Message] = {}
 
@@ -83,7 +84,7 @@ class InProcessGrid(Grid):
         return Message(content=content, message_type=message_type, dst_node_id=dst_node_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
+        return [n for n in self.contexts if n not in self.offline]
 
     def _deliver(self, message: Message) -> Message | None:
         node = message.metadata.dst_node_id

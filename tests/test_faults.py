@@ -241,16 +241,7 @@ def test_stragglers_past_the_timeout_are_left_out(monkeypatch, straggle_s: float
 
 
 # ------------------------------------------------------- nodes going away
-class FlakyGrid(InProcessGrid):
-    """Nodes in ``offline`` are no longer reported as connected."""
-
-    offline: set[int]
-
-    def get_node_ids(self):
-        return [n for n in super().get_node_ids() if n not in self.offline]
-
-
-def _offline_after_round_1(nodes: set[int]) -> tuple[FlakyGrid, Callable]:
+def _offline_after_round_1(nodes: set[int]) -> tuple[InProcessGrid, Callable]:
     def fail(node: int, message: Message) -> None:
         # Round 1's last training message is delivered; then the nodes are gone.
         config = message.content.get(proto.CONFIG)
@@ -258,8 +249,7 @@ def _offline_after_round_1(nodes: set[int]) -> tuple[FlakyGrid, Callable]:
         if message.metadata.message_type == MessageType.TRAIN and first and node == 1002:
             grid.offline = set(nodes)
 
-    grid = FlakyGrid(client_module.app, node_configs(3), fail=fail)
-    grid.offline = set()
+    grid = InProcessGrid(client_module.app, node_configs(3), fail=fail)
     return grid, fail
 
 

@@ -33,6 +33,7 @@ from flexmoe_core.checkpoint import (
     save_checkpoint,
     save_gate,
 )
+from flexmoe_core.config import to_container
 from flexmoe_core.results import METRICS_FILE, MODEL_FILE, SUMMARY_FILE, RunRecorder, read_metrics
 from server_app.app import run
 
@@ -224,6 +225,46 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
         run(make_grid(CLIENTS), config(tmp_path, "checkpoint.resume=true seed=1 train.lr=0.1"))
     message = str(info.value)
     assert "seed: 0 -> 1" in message and "train.lr: 0.05 -> 0.1" in message
+
+
+def test_checkpoints_of_an_earlier_format_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "checkpoint.npz"
+    save_checkpoint(path, _checkpoint())
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    meta["format_version"] = 1
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+    with pytest.raises(CheckpointError) as info:
+        run(make_grid(CLIENTS), config(tmp_path, f"checkpoint.resume={path.parent}"))
+    message = str(info.value)
+    assert "checkpoint of format 1" in message and "earlier version" in message
+    assert "Start a new run" in message and "release that wrote it" in message
+
+
+def test_checkpoints_of_another_model_form_are_refused(tmp_path: Path) -> None:
+    # A checkpoint whose arrays are not those of the model the configuration builds
+    # (here: one made for other shapes) is refused before any node is asked.
+    path = tmp_path / "run" / "checkpoint.npz"
+    cfg = config(tmp_path)
+    from run_helpers import initial_arrays
+
+    arrays = initial_arrays(cfg)
+    name = sorted(arrays)[0]
+    arrays[name] = np.zeros((*arrays[name].shape, 2), dtype=arrays[name].dtype)
+    arrays["experts.0.old_head.weight"] = np.zeros(3, dtype=np.float32)
+    state = _checkpoint()
+    state.global_arrays, state.config = arrays, dict(to_container(cfg))
+    save_checkpoint(path, state)
+    grid = make_grid(CLIENTS)
+    with pytest.raises(CheckpointError) as info:
+        run(grid, config(tmp_path, f"checkpoint.resume={path.parent}"))
+    message = str(info.value)
+    assert "does not match the one this configuration builds" in message
+    assert f"{name} is float32" in message and "unexpected experts.0.old_head.weight" in message
+    assert "earlier model form" in message and "Start a new run" in message
+    assert grid.sent == []
 
 
 def test_resume_needs_a_run_to_resume(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,55 @@ def test_each_node_gets_backbone_and_exactly_its_experts(tiny_overrides: str) ->
         - min(strategy.history[-1]["cum_load_clients"])
         <= 1
     )
+
+
+def test_one_model_message_per_participant_per_round(tiny_overrides: str) -> None:
+    cfg = load_config(tiny_overrides + " evaluate.global_every=2")
+    grid = InProcessGrid(client_app, nodes(4))
+    strategy = run(cfg, grid)
+    with_model = [m for m in grid.sent if protocol.ARRAYS in m.content]
+    per_round = Counter(
+        (
+            int(m.content[protocol.CONFIG][protocol.ROUND]),
+            m.metadata.message_type,
+            m.metadata.dst_node_id,
+        )
+        for m in with_model
+    )
+    # Every participant gets one message with the model per round; the only other
+    # download is the evaluation of the final model after the last round.
+    assert set(per_round.values()) == {1}
+    assert sorted((r, t) for r, t, _ in per_round) == sorted(
+        [(r, "train") for r in (1, 2, 3) for _ in range(4)] + [(3, "evaluate")] * 4
+    )
+    # The train message of round t asks for the evaluation of round t-1's model (the
+    # global test on its schedule: every 2 rounds); each round's record has it.
+    for message in with_model:
+        config = message.content[protocol.CONFIG]
+        if message.metadata.message_type == "train":
+            assert config[protocol.EVALUATE] == (config[protocol.ROUND] > 1)
+            assert config[protocol.GLOBAL_TEST] == (config[protocol.ROUND] == 3)
+    assert [("local_acc" in r, "global_acc" in r) for r in strategy.history] == [
+        (True, False),
+        (True, True),
+        (True, True),
+    ]
+    # Bytes are those of the serialised arrays, per client and direction: a client
+    # uploads what it downloads (backbone + its experts), and gets the final model too.
+    for record in strategy.history:
+        expected_down = {
+            str(m.metadata.dst_node_id - 1000): sum(
+                len(a.data) for a in m.content[protocol.ARRAYS].values()
+            )
+            for m in with_model
+            if int(m.content[protocol.CONFIG][protocol.ROUND]) == record["round"]
+            and m.metadata.message_type == "train"
+        }
+        up = record["bytes_received_per_client"]
+        assert up == expected_down
+        down = record["bytes_sent_per_client"]
+        assert down == (expected_down if record["round"] < 3 else {k: 2 * v for k, v in up.items()})
+        assert record["bytes_sent"] == sum(down.values())
 
 
 def test_gate_stays_home_and_keeps_learning(tiny_overrides: str) -> None:
