@@ -208,6 +208,19 @@ class Roster:
         """Return the partition counts the members' node configs declare."""
         return {m.num_partitions for m in self.members.values() if m.num_partitions}
 
+    def differences(self, capacities: Mapping[int, int]) -> list[str]:
+        """Say how the clients differ from an interrupted run's (``capacities`` by key)."""
+        notes = []
+        for key, old in sorted(capacities.items()):
+            if (member := self.members.get(key)) is None:
+                notes.append(f"client {key} of the interrupted run is not back (yet)")
+            elif member.capacity != old:
+                notes.append(
+                    f"client {key} now has capacity {member.capacity} (was {old}); the "
+                    "resumed run will differ from an uninterrupted one"
+                )
+        return notes
+
     def state(self) -> dict[int, int]:
         """Return the capacity of every key ever seen (for the checkpoint)."""
         return {**self._known, **{k: m.capacity for k, m in self.members.items()}}

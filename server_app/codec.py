@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy import Result
 
 from flexmoe_core import protocol as proto
 from flexmoe_core.aggregation import ClientUpdate
@@ -133,3 +143,21 @@ def decode_reply(reply: Message, key: int, trained: bool) -> ClientReply:
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"malformed reply: {err}") from None
+
+
+def result_from_records(arrays: ArrayRecord, records: Iterable[Mapping[str, Any]]) -> Result:
+    """Return Flower's :class:`Result`: final arrays and per-round metrics of the records."""
+    result = Result(arrays=arrays)
+    for record in records:
+        server_round = int(record["round"])
+        train = {k: record[k] for k in ("train_loss", "train_acc", "train_examples") if k in record}
+        if train:
+            result.train_metrics_clientapp[server_round] = MetricRecord(train)
+        scores = {
+            k: v
+            for k, v in record.items()
+            if k.startswith(("local_", "global_")) and isinstance(v, (int, float))
+        }
+        if scores:
+            result.evaluate_metrics_clientapp[server_round] = MetricRecord(scores)
+    return result

@@ -41,6 +41,7 @@ from .codec import (
     decode_reply,
     error_reason,
     record_bytes,
+    result_from_records,
     to_array_record,
 )
 from .membership import Membership
@@ -196,7 +197,12 @@ class FlexMoEStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Close the round (see :meth:`RoundState.close`), checkpoint, write records."""
+        """Close the round (see :meth:`RoundState.close`), checkpoint, write records.
+
+        Returns no ArrayRecord: the global arrays stay in the round state (serialising
+        them every round would cost the server time for nothing); :meth:`start`'s
+        Result carries the final ones.
+        """
         assert self.state is not None and self.plan is not None
         self._read(replies)
         self.outcome = outcome = self.state.close(self.plan, self._results)
@@ -207,7 +213,7 @@ class FlexMoEStrategy(Strategy):
         self._save(outcome.finished)
         record = self.state.pending or self.state.history[-1]
         train = {k: record[k] for k in ("train_loss", "train_acc", "train_examples") if k in record}
-        return to_array_record(self.global_arrays), MetricRecord(train) if train else None
+        return None, MetricRecord(train) if train else None
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -247,29 +253,9 @@ class FlexMoEStrategy(Strategy):
         self.state.restore(checkpoint)
         if self.recorder is not None:
             self.recorder.restart_metrics(self.state.history)
-        back = 0
-        for key, old in sorted(checkpoint.capacities.items()):
-            if (member := self.roster.members.get(key)) is None:
-                log(WARNING, "Resume: client %d of the interrupted run is not back (yet)", key)
-                continue
-            back += 1
-            if member.capacity != old:
-                log(
-                    WARNING,
-                    "Resume: client %d now has capacity %d (was %d); the resumed run "
-                    "will differ from an uninterrupted one",
-                    key,
-                    member.capacity,
-                    old,
-                )
-        log(
-            INFO,
-            "Resumed after round %d of %d (%d of %d clients back)",
-            checkpoint.round,
-            int(self.cfg.num_rounds),
-            back,
-            len(checkpoint.capacities),
-        )
+        for note in self.roster.differences(checkpoint.capacities):
+            log(WARNING, "Resume: %s", note)
+        log(INFO, "Resumed after round %d of %d", checkpoint.round, int(self.cfg.num_rounds))
 
     def start(
         self,
@@ -298,26 +284,7 @@ class FlexMoEStrategy(Strategy):
         last = self.state.completed_round
         if messages := list(self.configure_evaluate(last, ArrayRecord(), ConfigRecord(), grid)):
             self.aggregate_evaluate(last, grid.send_and_receive(messages, timeout=timeout))
-        return self._result()
-
-    def _result(self) -> Result:
-        """Return Flower's :class:`Result`: final arrays and per-round metrics."""
-        result = Result(arrays=to_array_record(self.global_arrays))
-        for record in self.history:
-            server_round = int(record["round"])
-            train = {
-                k: record[k] for k in ("train_loss", "train_acc", "train_examples") if k in record
-            }
-            if train:
-                result.train_metrics_clientapp[server_round] = MetricRecord(train)
-            scores = {
-                k: v
-                for k, v in record.items()
-                if k.startswith(("local_", "global_")) and isinstance(v, (int, float))
-            }
-            if scores:
-                result.evaluate_metrics_clientapp[server_round] = MetricRecord(scores)
-        return result
+        return result_from_records(to_array_record(self.global_arrays), self.history)
 
     def final_summary(self) -> dict[str, Any]:
         """Return the run's closing figures, fitness table and cumulative loads."""
