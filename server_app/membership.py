@@ -16,6 +16,7 @@ node ids. Every round it looks at the nodes the SuperLink lists as connected:
 from __future__ import annotations
 
 import time
+from collections import Counter
 from logging import INFO, WARNING
 
 from flwr.app import Message
@@ -195,7 +196,8 @@ class Membership:
                 expected,
             )
         capacities = list(self.roster.capacities().values())
-        log(INFO, "Clients: %d, capacities %s", len(capacities), capacities)
+        shown = capacities if len(capacities) <= 20 else dict(sorted(Counter(capacities).items()))
+        log(INFO, "Clients: %d, capacities %s", len(capacities), shown)
 
     def await_available(self, grid: Grid, server_round: int) -> dict[int, int]:
         """Return the capacities of the clients available now, waiting for enough of them.
