@@ -54,7 +54,6 @@ from flexmoe_core.config import conf_dir
 from flexmoe_core.report import (
     COMPLETED,
     FAILED,
-    JOB_STATUS_FILE,
     OBJECTIVES,
     JobStatus,
     best_job,
@@ -525,8 +524,6 @@ class SweepCallback(Callback):
             flush=True,
         )
 
-
-__all__ = ["JOB_STATUS_FILE", "SweepCallback", "SweepSettings", "count_jobs", "main"]
 
 if __name__ == "__main__":
     main()
