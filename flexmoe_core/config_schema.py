@@ -505,7 +505,8 @@ def check_overrides(overrides: Sequence[str], conf: Path) -> None:
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group
         text = override.input_line
-        if key == "hydra" or key.startswith("hydra.") or lenient(key) or override.is_delete():
+        hydras = key == "hydra" or key.startswith(("hydra.", "hydra/"))
+        if hydras or lenient(key) or override.is_delete():
             continue
         if key in declared.groups:
             errors += _group_option_problems(override, declared)
