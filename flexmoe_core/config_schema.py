@@ -474,7 +474,8 @@ def declared_keys(conf: Path) -> DeclaredKeys:
     for path, group, owner in files:
         package = _package(path, group)
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        assert isinstance(data, dict)
+        if not isinstance(data, dict):
+            continue  # an empty file declares nothing
         data.pop("defaults", None)
         data.pop("hydra", None)
         for key, value in _flatten(data, package or ""):
@@ -530,8 +531,8 @@ def _addition_problem(text: str, key: str, declared: DeclaredKeys) -> str:
     if key in declared.owners:
         where = " or ".join(declared.owners[key])
         return (
-            f"{text}: the selected {key.split('.')[0]} option does not declare {key}, so "
-            f"nothing would read it; it belongs to {where} (select it, then set {bare})"
+            f"{text}: '+' adds a key the selected option lacks, and nothing would read "
+            f"it; {key} belongs to {where}: select that, then set {bare}"
         )
     if declared.known(key):
         return f"{text}: {key} is already a setting; write {bare} without '+'"
@@ -547,7 +548,8 @@ def _group_option_problems(override: Any, declared: DeclaredKeys) -> list[str]:
         return []
     match = difflib.get_close_matches(value, options, n=1, cutoff=0.5)
     hint = f"did you mean {group}={match[0]}? " if match else ""
-    return [f"{override.input_line}: no option {value!r} in {group}; {hint}choose {options}"]
+    choices = ", ".join(options)
+    return [f"{override.input_line}: no option {value!r} in {group}; {hint}choose {choices}"]
 
 
 # ------------------------------------------------------------- checking the result
