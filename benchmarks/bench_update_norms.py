@@ -139,7 +139,7 @@ def one_client(overrides: str, scratch: Path) -> None:
     data = load_client_data(cfg.dataset, cfg.partition, 0, int(cfg.num_clients), int(cfg.seed))
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg.model, data.input_shape, data.num_classes, [0, 1, 2])
-    before = shared_state(model)
+    before = {name: value.copy() for name, value in shared_state(model).items()}  # views
     start = time.perf_counter()
     train_local(
         model,
