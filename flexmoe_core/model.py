@@ -110,34 +110,46 @@ class MoEClassifier(nn.Module):
         probs = gate_logits.softmax(dim=-1)  # (batch, k)
         top_p, top_i = probs.topk(self.top_k, dim=-1)  # (batch, top_k)
         weights = top_p / top_p.sum(dim=-1, keepdim=True)  # renormalised over the chosen
-        combine = torch.zeros_like(probs).scatter(1, top_i, weights)  # (batch, k), 0 if unchosen
         routed = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top_i, True)  # (batch, k)
         if self.dispatch == "sparse":
-            logits, expert_logits = self._sparse(features, combine, routed)
+            logits, expert_logits = self._sparse(features, top_i, weights)
         else:
-            logits, expert_logits = self._dense(features, combine)
+            logits, expert_logits = self._dense(features, top_i, weights)
         # Switch Transformer balance loss: k * sum_e (share routed to e) * (mean prob of e).
         share = routed.float().mean(0) / self.top_k  # (k,)
         aux_loss = probs.size(1) * (share * probs.mean(0)).sum()
         return MoEOutput(logits, expert_logits, routed, aux_loss)
 
-    def _sparse(self, features: Tensor, combine: Tensor, routed: Tensor) -> tuple[Tensor, Tensor]:
-        """Run each expert on its routed samples only: gather, run, scatter-add."""
-        batch = features.size(0)
-        logits = features.new_zeros(batch, self.num_classes)  # (batch, classes)
+    def _sparse(self, features: Tensor, top_i: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """Run each expert on its routed samples only: gather, run, scatter-add.
+
+        The (sample, expert) pairs are sorted by expert so that one gather feeds every
+        expert a contiguous chunk and one scatter-add mixes their outputs back.
+        """
+        batch, top_k = top_i.shape
+        pair_expert = top_i.reshape(-1)  # (batch * top_k,): local expert index of each pair
+        pair_sample = torch.arange(batch, device=top_i.device).repeat_interleave(top_k)
+        order = pair_expert.argsort(stable=True)  # pairs grouped by expert
+        sample, expert_idx = pair_sample[order], pair_expert[order]  # (pairs,)
+        counts = torch.bincount(pair_expert, minlength=len(self.experts)).tolist()  # (k,)
+        chunks = features.index_select(0, sample).split(counts)  # k x (n_j, channels, H, W)
+        outs = [
+            expert(chunk)  # (n_j, classes)
+            for expert, chunk in zip(self.experts.values(), chunks, strict=True)
+            if len(chunk)  # nothing routed: the expert does not run and gets no gradient
+        ]
+        out = torch.cat(outs)  # (pairs, classes), in sorted pair order
+        weight = weights.reshape(-1)[order].unsqueeze(-1)  # (pairs, 1)
+        logits = features.new_zeros(batch, self.num_classes).index_add(0, sample, weight * out)
+        # Each expert's own logits, for the per-expert feedback (no gradient needed).
         expert_logits = features.new_zeros(batch, len(self.experts), self.num_classes)
-        for j, expert in enumerate(self.experts.values()):
-            idx = routed[:, j].nonzero().squeeze(1)  # (n_j,): samples routed to expert j
-            if idx.numel() == 0:
-                continue  # nothing routed: the expert does not run and gets no gradient
-            out = expert(features.index_select(0, idx))  # (n_j, classes)
-            expert_logits = expert_logits.index_put((idx, idx.new_full(idx.shape, j)), out)
-            logits = logits.index_add(0, idx, combine[idx, j].unsqueeze(-1) * out)
+        expert_logits[sample, expert_idx] = out.detach()  # (batch, k, classes), 0 if unrouted
         return logits, expert_logits
 
-    def _dense(self, features: Tensor, combine: Tensor) -> tuple[Tensor, Tensor]:
+    def _dense(self, features: Tensor, top_i: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
         """Run every assigned expert on every sample, then keep the chosen (reference)."""
         expert_logits = torch.stack([e(features) for e in self.experts.values()], 1)  # (b, k, c)
+        combine = torch.zeros_like(expert_logits[..., 0]).scatter(1, top_i, weights)  # (b, k)
         logits = (combine.unsqueeze(-1) * expert_logits).sum(dim=1)  # (batch, classes)
         return logits, expert_logits
 

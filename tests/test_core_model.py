@@ -163,10 +163,8 @@ def test_a_single_routed_sample_trains_through_the_expert_batchnorm(overrides, s
     cfg = load_config(overrides)
     model = build_model(cfg.model, shape, 10, [0, 1]).train()
     features = model.backbone(torch.randn(5, *shape))
-    routed = torch.zeros(5, 2, dtype=torch.bool)
-    routed[0, 0] = True  # expert 0: one sample; expert 1: the other four
-    routed[1:, 1] = True
-    logits, expert_logits = model._sparse(features, routed.float(), routed)
+    top_i = torch.tensor([[0], [1], [1], [1], [1]])  # expert 0: one sample; expert 1: four
+    logits, expert_logits = model._sparse(features, top_i, torch.ones(5, 1))
     logits.sum().backward()
     assert logits.isfinite().all() and expert_logits[0, 0].abs().sum() > 0
     assert all(p.grad is not None for p in model.experts["0"].parameters())
