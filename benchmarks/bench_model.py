@@ -184,7 +184,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="CNN batch size (part 3)")
     parser.add_argument("--resnet-batch", type=int, default=32, help="ResNet-18 batch size")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--skip-speed", action="store_true", help="parts 1 and 2 only")
     parser.add_argument("--only", help="part 3 only for models whose label contains this")
     args = parser.parse_args()
