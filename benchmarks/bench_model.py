@@ -18,10 +18,11 @@ model's payload built from the run's ``config.yaml``.
 
 Part 3: one training step (forward, backward, SGD step) with top-2 routing over k = 4
 assigned experts, sparse dispatch (each expert on its routed samples) against dense
-dispatch (every expert on every sample, then masked), on the same batch, same weights.
-Routing is balanced (each expert gets half of the batch, as a trained gate with the
-balance loss gives). The two are timed alternately, after warm-up steps; the ratio is
-the median over repeats of sparse / dense. Goal: <= 0.65.
+dispatch (every expert on every sample, then masked), on the same batch (of the preset's
+``train.batch_size``: 32 for the CNNs, 64 for the paper presets), same weights.
+Routing is balanced (each expert gets half of the batch, which the balance loss pushes
+a trained gate towards). The two are timed alternately, after warm-up steps; the ratio
+is the median over repeats of sparse / dense. Goal: <= 0.65.
 """
 
 from __future__ import annotations
@@ -123,14 +124,17 @@ def bytes_from_run(run_dir: Path) -> None:
         )
 
 
-def step_times(overrides: str, shape: tuple[int, ...], batch: int, warmup: int, repeats: int):
-    """Return per-repeat (dense, sparse) seconds of one training step on the same batch."""
+def step_times(
+    overrides: str, shape: tuple[int, ...], batch: int | None, warmup: int, repeats: int
+) -> tuple[int, list[tuple[float, float]]]:
+    """Return the batch size and per-repeat (dense, sparse) seconds of one training step."""
     cfg = load_config(f"{overrides} model.top_k=2")
+    batch = batch or int(cfg.train.batch_size)
     torch.manual_seed(0)
     model = build_model(cfg.model, shape, NUM_CLASSES, [0, 1, 2, 3]).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x, y = torch.randn(batch, *shape), torch.randint(0, NUM_CLASSES, (batch,))
-    # Balanced routing, as a trained gate with the balance loss gives: sample b goes to
+    # Balanced routing, which the balance loss pushes a trained gate towards: sample b goes to
     # experts b mod 4 and (b + 1) mod 4, so each expert gets half of the batch. (A fresh
     # gate sends almost every sample to the same two experts, which would flatter sparse
     # dispatch.) The offset is added to the gate's logits, so the gate still trains.
@@ -152,12 +156,10 @@ def step_times(overrides: str, shape: tuple[int, ...], batch: int, warmup: int, 
 
     for _ in range(warmup):
         step("dense"), step("sparse")
-    return [(step("dense"), step("sparse")) for _ in range(repeats)]
+    return batch, [(step("dense"), step("sparse")) for _ in range(repeats)]
 
 
-def dispatch_speed(
-    batch: int, warmup: int, repeats: int, resnet_batch: int, only: str | None
-) -> None:
+def dispatch_speed(batch: int | None, warmup: int, repeats: int, only: str | None) -> None:
     print(
         f"\n## Part 3: training step, top-2 over k = 4 experts, sparse vs dense dispatch "
         f"({torch.get_num_threads()} threads; median of {repeats} alternated repeats "
@@ -167,8 +169,7 @@ def dispatch_speed(
     for label, overrides, shape, _ in MODELS:
         if only and only not in label:
             continue
-        size = resnet_batch if "resnet" in label else batch
-        times = step_times(overrides, shape, size, warmup, repeats)
+        size, times = step_times(overrides, shape, batch, warmup, repeats)
         dense = statistics.median(t[0] for t in times)
         sparse = statistics.median(t[1] for t in times)
         ratio = statistics.median(t[1] / t[0] for t in times)
@@ -181,8 +182,9 @@ def dispatch_speed(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, help="a finished run's folder (metrics.jsonl)")
-    parser.add_argument("--batch", type=int, default=32, help="CNN batch size (part 3)")
-    parser.add_argument("--resnet-batch", type=int, default=32, help="ResNet-18 batch size")
+    parser.add_argument(
+        "--batch", type=int, help="batch size in part 3 (default: each preset's train.batch_size)"
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--skip-speed", action="store_true", help="parts 1 and 2 only")
@@ -193,7 +195,7 @@ def main() -> None:
     if args.run is not None:
         bytes_from_run(args.run)
     if not args.skip_speed:
-        dispatch_speed(args.batch, args.warmup, args.repeats, args.resnet_batch, args.only)
+        dispatch_speed(args.batch, args.warmup, args.repeats, args.only)
 
 
 if __name__ == "__main__":
