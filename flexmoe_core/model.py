@@ -40,9 +40,8 @@ class MoEOutput:
     """What one forward pass returns (k = number of assigned experts)."""
 
     logits: Tensor  # (batch, classes): gate-weighted mix of each sample's top-k experts
-    expert_logits: (
-        Tensor  # (batch, k, classes): each expert's own output; sparse: 0 where not routed
-    )
+    expert_logits: Tensor  # (batch, k, classes): each expert's own logits, for feedback
+    #   (sparse dispatch: detached, and 0 where the expert is not routed)
     routed: Tensor  # (batch, k) bool: the expert is among the sample's top-k
     aux_loss: Tensor  # Switch-style load-balancing loss over the assigned experts
 
