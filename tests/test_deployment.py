@@ -201,7 +201,7 @@ def test_supernodes_get_exactly_their_capacity(federation: dict[str, Any]) -> No
     overrides = (
         f"num_clients=3 num_rounds=2 output_root={tmp / 'out'} run_name=deployed "
         "train.local_epochs=1 evaluate.every=2 evaluate.global_every=0 "
-        "model.width=8 model.feature_dim=16 model.expert_hidden=16"
+        "model.width=8 model.feature_dim=16"
     )
     command = [str(BIN / "flwr"), "run", ".", "flexmoe-local", "--stream"]
     flwr = subprocess.run(
