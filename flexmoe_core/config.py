@@ -1,8 +1,12 @@
-"""Compose the run configuration from the Hydra tree under ``conf/``."""
+"""Compose the run configuration from the Hydra tree under ``conf/`` and validate it.
+
+The rules every setting follows live in :mod:`flexmoe_core.config_schema`.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,9 +14,26 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from .faults import validate_faults
+from .config_schema import (
+    ConfigError,
+    check_overrides,
+    config_problems,
+    declared_keys,
+    lenient,
+)
+
+__all__ = [
+    "ConfigError",
+    "conf_dir",
+    "load_config",
+    "split_overrides",
+    "to_container",
+    "validate_config",
+]
 
 CONF_DIR_ENV = "FLEXMOE_CONF_DIR"
 
@@ -62,16 +83,47 @@ def load_config(overrides: str | Sequence[str] | None = None) -> DictConfig:
     -------
     DictConfig
         The resolved, read-only configuration.
+
+    Raises
+    ------
+    ConfigError
+        (a ``ValueError``) naming every unknown key, bad value and its fix.
     """
     override_list = split_overrides(overrides)
+    conf = conf_dir()
+    try:
+        check_overrides(override_list, conf)
+    except HydraException as err:  # an override Hydra cannot parse
+        raise ConfigError(f"Invalid overrides: {err}") from None
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=override_list)
-    OmegaConf.resolve(cfg)
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=override_list)
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_composition_message(err, conf)) from None
     validate_config(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _composition_message(err: Exception, conf: Path) -> str:
+    """Rewrite Hydra's "use +key" advice: adding a key another option declares is wrong."""
+    text = str(err).split("\nConfig search path")[0].strip()
+    if match := re.match(r"Could not override '([^']+)'", text):
+        key = match[1]
+        if lenient(key):
+            problem = f"{key} is not in conf/; add it with +{key}=..."
+        elif owners := declared_keys(conf).owners.get(key):
+            problem = (
+                f"the selected {key.split('.')[0]} option has no {key}; it belongs to "
+                f"{' or '.join(owners)}: select that option"
+            )
+        else:
+            problem = f"{key} is not a setting of this configuration"
+        return f"Invalid overrides:\n  - {key}: {problem}"
+    return f"Invalid configuration: {text}"
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:
@@ -80,48 +132,6 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Raise ``ValueError`` naming the key when a value is out of range."""
-    errors: list[str] = []
-
-    def need(condition: bool, message: str) -> None:
-        if not condition:
-            errors.append(message)
-
-    need(cfg.num_rounds >= 1, f"num_rounds={cfg.num_rounds}: must be at least 1")
-    need(cfg.num_clients >= 1, f"num_clients={cfg.num_clients}: must be at least 1")
-    need(
-        0.0 < cfg.fraction_train <= 1.0,
-        f"fraction_train={cfg.fraction_train}: must be in (0, 1]",
-    )
-    model = cfg.model
-    need(model.num_experts >= 1, f"model.num_experts={model.num_experts}: must be >= 1")
-    need(model.top_k >= 1, f"model.top_k={model.top_k}: must be >= 1")
-    need(
-        model.backbone in ("cnn", "resnet18"),
-        f"model.backbone={model.backbone!r}: choose cnn or resnet18",
-    )
-    fit = cfg.fitness
-    need(
-        fit.signal in ("loss", "accuracy"),
-        f"fitness.signal={fit.signal!r}: loss|accuracy",
-    )
-    need(0.0 < fit.beta <= 1.0, f"fitness.beta={fit.beta}: must be in (0, 1]")
-    need(fit.alpha > 0.0, f"fitness.alpha={fit.alpha}: must be > 0")
-    need(
-        cfg.aggregation.expert_weighting in ("usage", "num_examples"),
-        f"aggregation.expert_weighting={cfg.aggregation.expert_weighting!r}: usage|num_examples",
-    )
-    need(cfg.train.local_epochs >= 1, "train.local_epochs must be at least 1")
-    need(cfg.train.batch_size >= 1, "train.batch_size must be at least 1")
-    need(cfg.train.lr > 0, "train.lr must be > 0")
-    cap = cfg.capacity
-    need(
-        cap.profile in ("constant", "list", "uniform"),
-        f"capacity.profile={cap.profile!r}: choose constant, list or uniform",
-    )
-    if cfg.strategy.name == "flexmoe":
-        need(cfg.strategy.epsilon >= 0, f"strategy.epsilon={cfg.strategy.epsilon}: >= 0")
-    if "faults" in cfg:
-        errors.extend(validate_faults(cfg.faults))
-    if errors:
-        raise ValueError("Invalid configuration:\n  - " + "\n  - ".join(errors))
+    """Raise :class:`ConfigError` listing every key that breaks its rule in ``config_schema``."""
+    if problems := config_problems(cfg, conf_dir()):
+        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -1,13 +1,23 @@
-"""The MoE classifier: shared backbone, experts, and a private gate masked to A_c.
+"""The MoE classifier: a shared trunk, experts that carry the rest of the network, a private gate.
 
-A client builds the model with only its assigned experts: the others are never
-allocated. The gate always has one logit per global expert (so it survives changes of
-assignment between rounds), but only the assigned columns are read, which masks the
-rest out of routing and out of the gradient.
+    x ──► trunk (stages before ``moe_from``) ──► feature map ──┬──► expert e ∈ A_c ──► logits
+                                                               │     (stages from ``moe_from``:
+              global average pool ──► gate (masked to A_c) ────┘      conv stage(s) + head)
+
+Each sample runs through the trunk once, then only through its top-k experts of A_c
+(sparse dispatch: gather the routed samples, run the expert, scatter-add its
+gate-weighted logits back). A client builds the model with only its assigned experts:
+the others are never allocated. The gate always has one logit per global expert (so it
+survives changes of assignment between rounds), but only the assigned columns are read,
+which masks the rest out of routing and out of the gradient.
+
+Array names: ``backbone.*`` the shared trunk, ``experts.<id>.*`` expert ``id`` (its
+BatchNorm statistics included, so they are aggregated with it), ``gate.*`` the private gate.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -17,87 +27,153 @@ import torch.nn.functional as F  # noqa: N812
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from .backbones import build_backbone
+from .backbones import Stage, network_stages
 
 BACKBONE_PREFIX = "backbone."
 EXPERT_PREFIX = "experts."
 GATE_PREFIX = "gate."
+DISPATCH_MODES = ("sparse", "dense")
 
 
 @dataclass
 class MoEOutput:
-    """What one forward pass returns."""
+    """What one forward pass returns (k = number of assigned experts)."""
 
-    logits: Tensor  # (batch, classes): gate-weighted mix of the chosen experts
-    expert_logits: Tensor  # (batch, assigned, classes): every assigned expert's output
-    routed: Tensor  # (batch, assigned) bool: expert is among the sample's top-k
+    logits: Tensor  # (batch, classes): gate-weighted mix of each sample's top-k experts
+    expert_logits: Tensor  # (batch, k, classes): each expert's own logits, for feedback
+    #   (sparse dispatch: detached, and 0 where the expert is not routed)
+    routed: Tensor  # (batch, k) bool: the expert is among the sample's top-k
     aux_loss: Tensor  # Switch-style load-balancing loss over the assigned experts
 
 
-def make_expert(feature_dim: int, hidden: int, num_classes: int) -> nn.Module:
-    """Return one expert: a two-layer MLP from features to class logits."""
-    return nn.Sequential(
-        nn.Linear(feature_dim, hidden),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden, num_classes),
-    )
-
-
 class MoEClassifier(nn.Module):
-    """Backbone -> top-k routing over the assigned experts -> class logits.
+    """Trunk -> top-k routing over the assigned experts -> class logits.
 
     Parameters
     ----------
-    backbone : nn.Module
-        Maps inputs to features of size ``feature_dim``.
-    feature_dim, expert_hidden, num_classes : int
-        Layer sizes.
-    num_experts : int
-        E, the number of experts in the federation.
+    trunk : nn.Module
+        The shared stages: maps inputs to a feature map (batch, channels, H, W).
+    trunk_channels : int
+        Channels of that feature map (the gate's input size).
+    expert_stages : sequence of Stage
+        The stages every expert is a fresh copy of; the last one returns class logits.
+    num_classes, num_experts : int
+        Classes, and E, the number of experts in the federation.
     expert_ids : sequence of int
         A_c, the experts this model holds (all E on the server).
     top_k : int
         Experts per sample; capped at ``len(expert_ids)``.
+    dispatch : str
+        ``sparse`` (each expert runs on its routed samples only) or ``dense`` (every
+        assigned expert runs on every sample, then the unchosen are masked: the reference).
     """
 
     def __init__(
         self,
-        backbone: nn.Module,
-        feature_dim: int,
-        expert_hidden: int,
+        trunk: nn.Module,
+        trunk_channels: int,
+        expert_stages: Sequence[Stage],
         num_classes: int,
         num_experts: int,
         expert_ids: Sequence[int],
         top_k: int,
+        dispatch: str = "sparse",
     ) -> None:
         super().__init__()
         ids = sorted(int(e) for e in expert_ids)
         if not ids or len(set(ids)) != len(ids) or ids[0] < 0 or ids[-1] >= num_experts:
             raise ValueError(f"expert_ids={ids} must be distinct ids in [0, {num_experts})")
+        if dispatch not in DISPATCH_MODES:
+            raise ValueError(f"model.dispatch={dispatch!r}: choose one of {DISPATCH_MODES}")
         self.expert_ids = ids
         self.top_k = min(top_k, len(ids))
-        self.backbone = backbone
-        self.gate = nn.Linear(feature_dim, num_experts)
+        self.num_classes = num_classes
+        self.dispatch = dispatch
+        # Built in this order (trunk, gate, experts) so that the gate's initial values
+        # do not depend on how many experts the client holds.
+        self.backbone = trunk
+        self.gate = nn.Linear(trunk_channels, num_experts)
         self.experts = nn.ModuleDict(
-            {str(e): make_expert(feature_dim, expert_hidden, num_classes) for e in ids}
+            {
+                str(e): nn.Sequential(OrderedDict((s.name, s.build()) for s in expert_stages))
+                for e in ids
+            }
         )
         self.register_buffer("assigned", torch.tensor(ids), persistent=False)
 
     def forward(self, x: Tensor) -> MoEOutput:
         """Route each sample to its top-k assigned experts and mix their logits."""
-        features = self.backbone(x)
-        gate_logits = self.gate(features).index_select(1, self.assigned)  # mask to A_c
-        probs = gate_logits.softmax(dim=-1)
-        top_p, top_i = probs.topk(self.top_k, dim=-1)
-        weights = top_p / top_p.sum(dim=-1, keepdim=True)  # renormalise over the chosen
-        expert_logits = torch.stack([expert(features) for expert in self.experts.values()], 1)
-        chosen = expert_logits.gather(1, top_i.unsqueeze(-1).expand(-1, -1, expert_logits.size(-1)))
-        logits = (weights.unsqueeze(-1) * chosen).sum(dim=1)
-        routed = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top_i, True)
-        # Switch Transformer balance loss: m * sum_i (share routed to i) * (mean prob of i).
-        share = routed.float().mean(0) / self.top_k
+        features = self.backbone(x)  # (batch, channels, H, W)
+        pooled = features.mean(dim=(2, 3))  # (batch, channels)
+        gate_logits = self.gate(pooled).index_select(1, self.assigned)  # (batch, k): A_c only
+        probs = gate_logits.softmax(dim=-1)  # (batch, k)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)  # (batch, top_k)
+        weights = top_p / top_p.sum(dim=-1, keepdim=True)  # renormalised over the chosen
+        routed = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top_i, True)  # (batch, k)
+        if self.dispatch == "sparse":
+            logits, expert_logits = self._sparse(features, top_i, weights)
+        else:
+            logits, expert_logits = self._dense(features, top_i, weights)
+        # Switch Transformer balance loss: k * sum_e (share routed to e) * (mean prob of e).
+        share = routed.float().mean(0) / self.top_k  # (k,)
         aux_loss = probs.size(1) * (share * probs.mean(0)).sum()
         return MoEOutput(logits, expert_logits, routed, aux_loss)
+
+    def _sparse(self, features: Tensor, top_i: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """Run each expert on its routed samples only: gather, run, scatter-add.
+
+        The (sample, expert) pairs are sorted by expert so that one gather feeds every
+        expert a contiguous chunk and one scatter-add mixes their outputs back.
+        """
+        batch, top_k = top_i.shape
+        pair_expert = top_i.reshape(-1)  # (batch * top_k,): local expert index of each pair
+        pair_sample = torch.arange(batch, device=top_i.device).repeat_interleave(top_k)
+        order = pair_expert.argsort(stable=True)  # pairs grouped by expert
+        sample, expert_idx = pair_sample[order], pair_expert[order]  # (pairs,)
+        counts = torch.bincount(pair_expert, minlength=len(self.experts)).tolist()  # (k,)
+        chunks = features.index_select(0, sample).split(counts)  # k x (n_j, channels, H, W)
+        outs = [
+            expert(chunk)  # (n_j, classes)
+            for expert, chunk in zip(self.experts.values(), chunks, strict=True)
+            if len(chunk)  # nothing routed: the expert does not run and gets no gradient
+        ]
+        out = torch.cat(outs)  # (pairs, classes), in sorted pair order
+        weight = weights.reshape(-1)[order].unsqueeze(-1)  # (pairs, 1)
+        logits = features.new_zeros(batch, self.num_classes).index_add(0, sample, weight * out)
+        # Each expert's own logits, for the per-expert feedback (no gradient needed).
+        expert_logits = features.new_zeros(batch, len(self.experts), self.num_classes)
+        expert_logits[sample, expert_idx] = out.detach()  # (batch, k, classes), 0 if unrouted
+        return logits, expert_logits
+
+    def _dense(self, features: Tensor, top_i: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """Run every assigned expert on every sample, then keep the chosen (reference)."""
+        expert_logits = torch.stack([e(features) for e in self.experts.values()], 1)  # (b, k, c)
+        combine = torch.zeros_like(expert_logits[..., 0]).scatter(1, top_i, weights)  # (b, k)
+        logits = (combine.unsqueeze(-1) * expert_logits).sum(dim=1)  # (batch, classes)
+        return logits, expert_logits
+
+
+def split_stages(
+    model_cfg: DictConfig, in_channels: int, num_classes: int
+) -> tuple[list[Stage], list[Stage]]:
+    """Return (trunk stages, expert stages) of ``model_cfg``, cut at ``model_cfg.moe_from``."""
+    stages = network_stages(
+        model_cfg.backbone,
+        in_channels,
+        num_classes,
+        int(model_cfg.width),
+        int(model_cfg.get("feature_dim", 64)),
+        bool(model_cfg.get("pool", False)),
+    )
+    names = [s.name for s in stages]
+    moe_from = str(model_cfg.moe_from)
+    if moe_from not in names[1:]:
+        raise ValueError(
+            f"model.moe_from={moe_from!r} is not a stage of {model_cfg.backbone}: choose one of "
+            f"{names[1:]} (the trunk keeps the stages before it, each expert the rest)"
+        )
+    cut = names.index(moe_from)
+    return stages[:cut], stages[cut:]
 
 
 def build_model(
@@ -108,26 +184,22 @@ def build_model(
 ) -> MoEClassifier:
     """Build the model of ``model_cfg`` holding ``expert_ids`` (default: all experts)."""
     ids = range(model_cfg.num_experts) if expert_ids is None else expert_ids
-    backbone = build_backbone(
-        model_cfg.backbone,
-        int(input_shape[0]),
-        model_cfg.width,
-        model_cfg.feature_dim,
-        bool(model_cfg.get("pool", False)),
-    )
+    trunk_stages, expert_stages = split_stages(model_cfg, int(input_shape[0]), num_classes)
+    trunk = nn.Sequential(OrderedDict((s.name, s.build()) for s in trunk_stages))
     return MoEClassifier(
-        backbone,
-        model_cfg.feature_dim,
-        model_cfg.expert_hidden,
+        trunk,
+        trunk_stages[-1].out_channels,
+        expert_stages,
         num_classes,
         model_cfg.num_experts,
         ids,
         model_cfg.top_k,
+        str(model_cfg.get("dispatch", "sparse")),
     )
 
 
 def shared_state(model: nn.Module) -> dict[str, np.ndarray]:
-    """Return backbone and expert tensors (everything but the private gate) as NumPy."""
+    """Return trunk and expert tensors (everything but the private gate) as NumPy."""
     return {
         name: tensor.detach().cpu().numpy()
         for name, tensor in model.state_dict().items()

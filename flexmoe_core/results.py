@@ -144,7 +144,7 @@ class RunRecorder:
             import matplotlib.pyplot as plt
             import wandb
 
-            from .report import draw_load_heatmap
+            from .plots import draw_load_heatmap
 
             fig, ax = plt.subplots(figsize=(6, 3.5))
             draw_load_heatmap(ax, self._load_history)

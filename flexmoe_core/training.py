@@ -52,6 +52,8 @@ class _ExpertStats:
         self.loss = torch.zeros(num_assigned, device=device)
 
     def add(self, expert_logits: Tensor, routed: Tensor, labels: Tensor) -> None:
+        # An expert's logits count only on the samples routed to it (sparse dispatch
+        # leaves zeros elsewhere; dense dispatch computes them but they are masked here).
         mask = routed.float()
         hits = (expert_logits.argmax(-1) == labels[:, None]).float()
         losses = cross_entropy_per_expert(expert_logits, labels)

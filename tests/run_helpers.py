@@ -18,7 +18,7 @@ from server_app.strategy import TIMING_KEYS, FlexMoEStrategy, to_array_record
 
 # A model and a schedule small enough for a round to take about a second on one core.
 FAST = (
-    "model.width=8 model.feature_dim=16 model.expert_hidden=16 train.local_epochs=1 "
+    "model.width=8 model.feature_dim=16 train.local_epochs=1 "
     "train.batch_size=64 partition=iid evaluate.global_every=0 "
     "timeouts.wait_for_clients_s=0"
 )

@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 
 from flexmoe_core import protocol
-from flexmoe_core.aggregation import ClientUpdate, aggregate, check_update, weighted_mean
+from flexmoe_core.aggregation import (
+    AggregationPolicy,
+    ClientUpdate,
+    aggregate,
+    check_update,
+    weighted_mean,
+)
 from flexmoe_core.fitness import ExpertFeedback, FitnessTable
+
+# These tests use deltas far larger than SGD makes, which the default bounds would clip.
+NO_CLIP = AggregationPolicy(max_examples_ratio=None, max_update_rms=None)
 
 
 def fb(usage: float, acc: float = 0.5, loss: float = 1.0) -> ExpertFeedback:
@@ -60,21 +69,23 @@ def test_aggregate_backbone_by_examples_experts_by_usage() -> None:
     global_arrays = arrays(0.0, {0: 0.0, 1: -1.0, 2: 5.0})
     a = ClientUpdate(1, arrays(1.0, {0: 1.0, 1: 10.0}), 30, {0: fb(3), 1: fb(1)})
     b = ClientUpdate(2, arrays(3.0, {1: 20.0}), 10, {1: fb(3)})
-    new = aggregate(global_arrays, [a, b], "usage")
+    new = aggregate(global_arrays, [a, b], policy=NO_CLIP)
     np.testing.assert_allclose(new["backbone.w"], 1.5)  # (30*1 + 10*3) / 40
     np.testing.assert_allclose(new["experts.0.0.weight"], 1.0)  # only holder
     np.testing.assert_allclose(new["experts.1.0.weight"], 17.5)  # (1*10 + 3*20) / 4
     np.testing.assert_allclose(new["experts.2.0.weight"], 5.0)  # nobody held it
     assert new["backbone.w"].dtype == np.float32 and new["backbone.n"].dtype == np.int64
 
-    by_examples = aggregate(global_arrays, [a, b], "num_examples")
+    by_examples = aggregate(
+        global_arrays, [a, b], policy=AggregationPolicy("num_examples", max_update_rms=None)
+    )
     np.testing.assert_allclose(by_examples["experts.1.0.weight"], 12.5)  # (30*10+10*20)/40
 
 
 def test_aggregate_expert_with_zero_usage_counts_holders_equally() -> None:
     update_a = ClientUpdate(1, arrays(0, {0: 2.0}), 5, {0: fb(0)})
     update_b = ClientUpdate(2, arrays(0, {0: 4.0}), 5, {0: fb(0)})
-    new = aggregate(arrays(0, {0: 0.0}), [update_a, update_b])
+    new = aggregate(arrays(0, {0: 0.0}), [update_a, update_b], policy=NO_CLIP)
     np.testing.assert_allclose(new["experts.0.0.weight"], 3.0)
 
 

@@ -57,16 +57,17 @@ def digest(key: Mapping[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
+def _exclusive(lock_path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``lock_path``; yield whether it is really held."""
     try:
         import fcntl
     except ImportError:  # Windows: no flock; the atomic rename alone keeps it correct.
-        yield
+        yield False
         return
     with open(lock_path, "a+b") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -142,7 +143,7 @@ def load_or_build(
     lock = contextlib.ExitStack()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        lock.enter_context(_exclusive(cache_dir / f".{entry.name}.lock"))
+        locked = lock.enter_context(_exclusive(cache_dir / f".{entry.name}.lock"))
     except OSError as exc:
         warnings.warn(
             f"dataset cache {cache_dir} is not writable ({exc}); decoding {name} in "
@@ -154,6 +155,10 @@ def load_or_build(
     with lock:
         if (entry / _META).is_file():  # another process finished while we waited
             return _read(entry)
+        # Only the lock holder writes this entry: a temporary folder of it that is
+        # still here is what a builder killed mid-write left behind.
+        for stale in cache_dir.glob(f".{entry.name}.*.tmp") if locked else ():
+            shutil.rmtree(stale, ignore_errors=True)
         arrays, meta = build()
         try:
             _write(cache_dir, entry, arrays, meta)

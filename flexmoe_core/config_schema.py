@@ -1,0 +1,732 @@
+"""The configuration schema: one row per setting, checked once Hydra has composed ``conf/``.
+
+Every key a run reads has one :class:`Setting` row in :data:`SETTINGS`: its type, its
+range or choices, and what it means. A bad value is refused with a message that names
+the key, the value, the rule and a fix (``num_rounds='abc': expected an integer ...;
+fix: e.g. num_rounds=20``). To add a setting, declare it in a ``conf/`` file and add
+its row here.
+
+Unknown keys. A key that no file under ``conf/`` declares is refused with the closest
+known key (``num_round`` -> ``num_rounds``), both as an override (``num_round=3``,
+before Hydra would suggest ``+num_round=3``) and as an addition (``+num_round=3``,
+which Hydra would accept and nothing would read). Additions (``+key=value``) are
+refused everywhere except under ``sweep.`` (the sweep entry point's own settings,
+left lenient here): a key that the selected config group option does not declare
+(``+partition.alpha=0.5`` with ``partition=iid``) would be ignored, so the message
+says which option declares it instead.
+
+Keys of the ``model`` group are checked only as far as the table lists them: a model
+key declared in ``conf/model/*.yaml`` without a row is accepted unchecked, so that new
+model options do not break validation before their row is written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .data import DatasetError, Normaliser, build_augment
+from .data.partition import PARTITION_TYPES
+from .data.raw import SOURCES
+from .faults import validate_faults
+
+# Subtrees whose keys are not checked here (the sweep entry point reads them).
+LENIENT_PREFIXES = ("sweep",)
+# Groups whose declared keys without a row are accepted unchecked (see module docstring).
+UNCHECKED_GROUP_KEYS = ("model",)
+STRATEGIES = ("flexmoe", "greedy", "random", "dense", "expert_choice")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names every bad key and its fix."""
+
+
+Check = Callable[[Any, DictConfig], list[str]]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration key and the rule its value must follow.
+
+    Attributes
+    ----------
+    key : str
+        Dotted path (``model.top_k``).
+    type : str
+        Accepted kinds separated by ``|``: ``int``, ``float`` (an int is accepted),
+        ``bool``, ``str``, ``null``, ``list[int]``, ``list[float]``, ``list[str]``,
+        ``mapping``.
+    range : str, optional
+        Interval for numbers (and for every element of a list), in interval notation;
+        a bound is a number, ``inf`` or another key: ``"[1, model.num_experts]"``,
+        ``"(0, 1]"``.
+    choices : tuple of str, optional
+        The allowed values of a string.
+    meaning : str
+        What the setting is, quoted in messages.
+    fix : str, optional
+        How to fix a bad value; default: ``e.g. <key>=<value in conf/>``.
+    required : bool
+        Whether a missing key is an error (when ``when`` holds).
+    when : str, optional
+        ``"key=value"``: the rule applies only when that key holds that value
+        (``partition.alpha`` only for ``"partition.type=dirichlet"``).
+    check : callable, optional
+        ``check(value, cfg) -> problems``: a rule beyond type and range, run only when
+        nothing else is wrong under this key.
+    """
+
+    key: str
+    type: str
+    range: str | None = None
+    choices: tuple[str, ...] | None = None
+    meaning: str = ""
+    fix: str | None = None
+    required: bool = True
+    when: str | None = None
+    check: Check | None = None
+
+    def applies(self, cfg: DictConfig) -> bool:
+        """Whether the rule applies to ``cfg`` (its ``when`` condition holds)."""
+        if self.when is None:
+            return True
+        key, value = self.when.split("=", 1)
+        return OmegaConf.select(cfg, key) == value
+
+
+# ------------------------------------------------------------------- extra rules
+def _non_empty(value: Any, cfg: DictConfig) -> list[str]:
+    return [] if len(value) else ["must not be empty"]
+
+
+def _dir_name(value: Any, cfg: DictConfig) -> list[str]:
+    if value is None:
+        return []
+    if not value or value in (".", "..") or "/" in value or "\\" in value:
+        return ["must be a plain folder name (no '/', not '.' or '..')"]
+    return []
+
+
+def _device(value: Any, cfg: DictConfig) -> list[str]:
+    if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        return []
+    return ["choose auto, cpu, cuda, cuda:N or mps"]
+
+
+def _three_dims(value: Any, cfg: DictConfig) -> list[str]:
+    return [] if len(value) == 3 else ["must be [channels, height, width]"]
+
+
+def _one_name_per_class(value: Any, cfg: DictConfig) -> list[str]:
+    classes = OmegaConf.select(cfg, "dataset.num_classes")
+    if value is None or not isinstance(classes, int) or len(value) == classes:
+        return []
+    return [f"has {len(value)} names for dataset.num_classes={classes}"]
+
+
+def _preprocess(value: Any, cfg: DictConfig) -> list[str]:
+    shape = OmegaConf.select(cfg, "dataset.input_shape")
+    if not isinstance(shape, ListConfig) or not shape or not isinstance(shape[0], int):
+        return []  # input_shape's own row reports it
+    try:
+        Normaliser.from_config(value, int(shape[0]))
+    except DatasetError as err:
+        return [str(err)]
+    return []
+
+
+def _augment(value: Any, cfg: DictConfig) -> list[str]:
+    try:
+        build_augment({"preprocess": {"augment": value}})
+    except DatasetError as err:
+        return [str(err)]
+    return []
+
+
+def _faults(value: Any, cfg: DictConfig) -> list[str]:
+    return validate_faults(value)
+
+
+def _privacy_needs_mean(value: Any, cfg: DictConfig) -> list[str]:
+    method = OmegaConf.select(cfg, "aggregation.method")
+    if value and method != "mean":
+        return [
+            f"differential privacy calibrates its noise to a mean, not to "
+            f"aggregation.method={method}; set aggregation.method=mean or privacy.enabled=false"
+        ]
+    return []
+
+
+# --------------------------------------------------------------------- the table
+S = Setting
+SETTINGS: tuple[Setting, ...] = (
+    # run
+    S("seed", "int", "[0, inf)", meaning="seed of sampling, partitions, initial model"),
+    S("num_rounds", "int", "[1, inf)", meaning="federated rounds"),
+    S("num_clients", "int", "[1, inf)", meaning="nodes the server waits for"),
+    S("fraction_train", "float", "(0, 1]", meaning="share of clients sampled per round"),
+    S("min_clients_per_round", "int", "[1, num_clients]", meaning="participants per round"),
+    S("output_root", "str", meaning="folder of the run folders", check=_non_empty),
+    S(
+        "run_name",
+        "str|null",
+        meaning="the run's folder name",
+        fix="a folder name such as run_name=my_run, or null (automatic)",
+        check=_dir_name,
+    ),
+    # capacity
+    S("capacity.profile", "str", choices=("constant", "list", "uniform"), meaning="k_c profile"),
+    S(
+        "capacity.value",
+        "int",
+        "[1, model.num_experts]",
+        meaning="k_c of every client",
+        when="capacity.profile=constant",
+    ),
+    S(
+        "capacity.values",
+        "list[int]",
+        "[1, model.num_experts]",
+        meaning="k_c cycled over clients",
+        when="capacity.profile=list",
+        check=_non_empty,
+    ),
+    S(
+        "capacity.low",
+        "int",
+        "[1, model.num_experts]",
+        meaning="smallest k_c",
+        when="capacity.profile=uniform",
+    ),
+    S(
+        "capacity.high",
+        "int",
+        "[capacity.low, model.num_experts]",
+        meaning="largest k_c",
+        when="capacity.profile=uniform",
+    ),
+    # local training
+    S("train.local_epochs", "int", "[1, inf)", meaning="local epochs per round"),
+    S("train.batch_size", "int", "[1, inf)", meaning="local batch size"),
+    S("train.lr", "float", "(0, inf)", meaning="SGD learning rate"),
+    S("train.momentum", "float", "[0, 1)", meaning="SGD momentum"),
+    S("train.weight_decay", "float", "[0, inf)", meaning="SGD weight decay"),
+    S("train.aux_loss_coef", "float", "[0, inf)", meaning="weight of the balance loss"),
+    S("train.device", "str", meaning="training device", check=_device),
+    # evaluation
+    S("evaluate.every", "int", "[0, inf)", meaning="local evaluation every N rounds, 0: never"),
+    S("evaluate.global_every", "int", "[0, inf)", meaning="global test every N rounds, 0: never"),
+    S("evaluate.global_max_samples", "int", "[0, inf)", meaning="global test cap, 0: all"),
+    # fitness
+    S("fitness.signal", "str", choices=("loss", "accuracy"), meaning="fitness signal"),
+    S("fitness.alpha", "float", "(0, inf)", meaning="temperature of exp(-alpha * loss)"),
+    S("fitness.beta", "float", "(0, 1]", meaning="EMA weight of the newest feedback"),
+    S("fitness.q0", "float", meaning="initial fitness"),
+    # aggregation (bounded influence: flexmoe_core.aggregation)
+    S(
+        "aggregation.expert_weighting",
+        "str",
+        choices=("usage", "num_examples"),
+        meaning="weights of an expert mean",
+    ),
+    S(
+        "aggregation.method",
+        "str",
+        choices=("mean", "median", "trimmed_mean"),
+        meaning="how updates combine",
+    ),
+    S("aggregation.trim_fraction", "float", "[0, 0.5)", meaning="share trimmed at each end"),
+    S(
+        "aggregation.max_examples_ratio",
+        "float|null",
+        "[1, inf)",
+        meaning="cap on examples, in round medians",
+    ),
+    S(
+        "aggregation.max_update_rms",
+        "float|null",
+        "(0, inf)",
+        meaning="clip of the RMS change per group",
+    ),
+    # differential privacy (flexmoe_core.privacy)
+    S("privacy.enabled", "bool", meaning="client-level DP", check=_privacy_needs_mean),
+    S("privacy.clip_norm", "float", "(0, inf)", meaning="L2 bound of a client's whole update"),
+    S("privacy.noise_multiplier", "float", "[0, inf)", meaning="noise std / clip_norm"),
+    S("privacy.delta", "float", "(0, 1)", meaning="delta of the reported (epsilon, delta)"),
+    S("privacy.backbone_share", "float", "(0, 1)", meaning="backbone's share of clip_norm^2"),
+    # timeouts
+    S("timeouts.wait_for_clients_s", "float", "[0, inf)", meaning="wait for nodes at start"),
+    S("timeouts.round_s", "float", "(0, inf)", meaning="wait for replies in a round"),
+    # logging, faults, checkpoints
+    S("wandb.enabled", "bool", meaning="W&B logging"),
+    S("wandb.project", "str", meaning="W&B project"),
+    S("wandb.entity", "str|null", meaning="W&B entity"),
+    S("wandb.mode", "str", choices=("offline", "online", "disabled"), meaning="W&B mode"),
+    S("wandb.group", "str|null", meaning="W&B group"),
+    S("faults.crash_prob", "float", meaning="injected crash probability"),
+    S("faults.straggle_prob", "float", meaning="injected straggler probability"),
+    S("faults.straggle_s", "float", meaning="delay of an injected straggler"),
+    S("faults", "mapping", meaning="failure injection", check=_faults),
+    S("checkpoint.enabled", "bool", meaning="write checkpoint.npz every round"),
+    S(
+        "checkpoint.resume",
+        "bool|str|null",
+        meaning="resume a run",
+        fix="null (a new run), true, or the run folder",
+    ),
+    S("checkpoint.client_dir", "str|null", meaning="where simulated clients keep gates"),
+    # strategy
+    S("strategy.name", "str", choices=STRATEGIES, meaning="allocation strategy"),
+    S(
+        "strategy.epsilon",
+        "float",
+        "[0, inf)",
+        meaning="load band of the LP",
+        when="strategy.name=flexmoe",
+    ),
+    S(
+        "strategy.solver",
+        "str",
+        meaning="auto, flow, cvxpy or a cvxpy solver name",
+        when="strategy.name=flexmoe",
+        check=_non_empty,
+    ),
+    S("strategy.tie_noise", "float", "[0, inf)", meaning="tie-breaking noise", required=False),
+    # model (rows are optional unless every model needs them: see module docstring)
+    S("model.backbone", "str", choices=("cnn", "resnet18"), meaning="backbone network"),
+    S("model.num_experts", "int", "[1, inf)", meaning="E, experts in the layer"),
+    S("model.top_k", "int", "[1, model.num_experts]", meaning="experts per sample"),
+    S("model.width", "int", "[1, inf)", meaning="backbone width", required=False),
+    S("model.feature_dim", "int", "[1, inf)", meaning="feature size", required=False),
+    S("model.expert_hidden", "int", "[1, inf)", meaning="expert hidden size", required=False),
+    S("model.pool", "bool", meaning="max-pool after each conv block", required=False),
+    # dataset (group-specific keys are optional)
+    S("dataset.name", "str", meaning="dataset name", check=_non_empty),
+    S("dataset.source", "str", choices=SOURCES, meaning="format of the files"),
+    S(
+        "dataset.path",
+        "str|list[str]|null",
+        meaning="local files",
+        fix="a folder, archive or glob, a list of them, or null (the Hugging Face Hub)",
+    ),
+    S("dataset.variant", "str", meaning="EMNIST split", required=False),
+    S("dataset.idx_prefix", "str|null", meaning="prefix of idx files", required=False),
+    S("dataset.hf.id", "str|null", meaning="Hugging Face dataset id", required=False),
+    S("dataset.hf.subset", "str|null", meaning="Hub subset", required=False),
+    S("dataset.hf.revision", "str|null", meaning="Hub revision", required=False),
+    S("dataset.hf.image_key", "str", meaning="image column", required=False),
+    S("dataset.hf.label_key", "str", meaning="label column", required=False),
+    S("dataset.split_names.train", "str", meaning="train split name", required=False),
+    S("dataset.split_names.test", "str", meaning="test split name", required=False),
+    S(
+        "dataset.classes",
+        "list[str]|null",
+        meaning="class names in label order",
+        required=False,
+        check=_one_name_per_class,
+    ),
+    S("dataset.num_classes", "int", "[2, inf)", meaning="number of classes"),
+    S("dataset.input_shape", "list[int]", "[1, inf)", meaning="[C, H, W]", check=_three_dims),
+    S(
+        "dataset.test_fraction",
+        "float|null",
+        "(0, 1)",
+        meaning="test share for sources without a test split",
+        required=False,
+    ),
+    S("dataset.label_offset", "int", meaning="subtracted from every label", required=False),
+    S(
+        "dataset.cache_dir",
+        "str|null",
+        meaning="decoded-data cache",
+        fix="a folder, or null ($FLEXMOE_CACHE_DIR or ~/.cache/flexmoe)",
+        required=False,
+    ),
+    S("dataset.preprocess.mean", "list[float]", meaning="per-channel mean"),
+    S("dataset.preprocess.std", "list[float]", "(0, inf)", meaning="per-channel std"),
+    S("dataset.preprocess.scale", "float", "(0, inf)", meaning="raw pixel range"),
+    S("dataset.preprocess", "mapping", meaning="normalisation", check=_preprocess),
+    S(
+        "dataset.preprocess.augment",
+        "bool|null|mapping",
+        meaning="training augmentation",
+        required=False,
+        check=_augment,
+    ),
+    S(
+        "dataset.preprocess.augment.crop_padding",
+        "int",
+        "[0, inf)",
+        meaning="random-crop padding",
+        required=False,
+    ),
+    S(
+        "dataset.preprocess.augment.horizontal_flip",
+        "bool",
+        meaning="random horizontal flip",
+        required=False,
+    ),
+    # partition
+    S("partition.type", "str", choices=PARTITION_TYPES, meaning="partitioner"),
+    S(
+        "partition.alpha",
+        "float",
+        "(0, inf)",
+        meaning="Dirichlet concentration",
+        when="partition.type=dirichlet",
+    ),
+    S(
+        "partition.classes_per_client",
+        "int",
+        "[1, dataset.num_classes]",
+        meaning="classes per client",
+        when="partition.type=kclass",
+    ),
+    S(
+        "partition.class_assignment",
+        "str",
+        choices=("first-deterministic", "random", "deterministic"),
+        meaning="how classes are dealt",
+        required=False,
+    ),
+    S("partition.min_partition_size", "int", "[0, inf)", meaning="smallest partition"),
+    S("partition.self_balancing", "bool", meaning="Dirichlet self-balancing", required=False),
+    S("partition.local_test_fraction", "float", "[0, 1)", meaning="local held-out share"),
+    S("partition.max_client_samples", "int|null", "[1, inf)", meaning="cap on a client's samples"),
+)
+del S
+
+_BY_KEY = {s.key: s for s in SETTINGS}
+assert len(_BY_KEY) == len(SETTINGS), "a key has two rows"
+
+
+# ---------------------------------------------------------- keys declared in conf/
+@dataclass(frozen=True)
+class DeclaredKeys:
+    """Every key the files under ``conf/`` declare, with where and a default value."""
+
+    leaves: Mapping[str, Any]  # dotted key -> first value seen (a default for messages)
+    owners: Mapping[str, tuple[str, ...]]  # dotted key -> group options declaring it
+    groups: Mapping[str, tuple[str, ...]]  # group -> its options
+
+    def known(self, key: str) -> bool:
+        """Whether ``key`` is a declared key or an ancestor of one."""
+        return key in self.leaves or any(k.startswith(key + ".") for k in self.leaves)
+
+    def covers(self, key: str) -> bool:
+        """Whether ``key`` or an ancestor of it is a declared key (or lenient)."""
+        parts = key.split(".")
+        return lenient(key) or any(
+            ".".join(parts[:i]) in self.leaves for i in range(1, len(parts) + 1)
+        )
+
+    def closest(self, key: str) -> str | None:
+        """Return the declared key or group most like ``key``."""
+        names = set(self.leaves) | set(self.groups)
+        names |= {k.rsplit(".", 1)[0] for k in self.leaves if "." in k}
+        match = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+        return match[0] if match else None
+
+
+def lenient(key: str) -> bool:
+    """Whether ``key`` lies in a subtree this schema does not check."""
+    return any(key == p or key.startswith(p + ".") for p in LENIENT_PREFIXES)
+
+
+def _flatten(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, Mapping) and node:
+        for name, value in node.items():
+            yield from _flatten(value, f"{prefix}.{name}" if prefix else str(name))
+    elif prefix:
+        yield prefix, node
+
+
+def _package(path: Path, default: str) -> str | None:
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if match := re.match(r"#\s*@package\s+(\S+)", line):
+                return "" if match[1] == "_global_" else match[1]
+            if line.strip() and not line.startswith("#"):
+                break
+    return default
+
+
+@lru_cache(maxsize=4)
+def declared_keys(conf: Path) -> DeclaredKeys:
+    """Read every YAML file of the Hydra tree ``conf`` (Hydra's own group excluded)."""
+    leaves: dict[str, Any] = {}
+    owners: dict[str, list[str]] = {}
+    groups: dict[str, list[str]] = {}
+    files = [(conf / "config.yaml", "", "")]
+    for group_dir in sorted(p for p in conf.iterdir() if p.is_dir() and p.name != "hydra"):
+        groups[group_dir.name] = []
+        for path in sorted(group_dir.glob("*.yaml")):
+            groups[group_dir.name].append(path.stem)
+            files.append((path, group_dir.name, f"{group_dir.name}={path.stem}"))
+    for path, group, owner in files:
+        package = _package(path, group)
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        if not isinstance(data, dict):
+            continue  # an empty file declares nothing
+        data.pop("defaults", None)
+        data.pop("hydra", None)
+        for key, value in _flatten(data, package or ""):
+            leaves.setdefault(key, value)
+            if owner and package == group:
+                owners.setdefault(key, []).append(owner)
+    return DeclaredKeys(
+        leaves,
+        {k: tuple(v) for k, v in owners.items()},
+        {k: tuple(v) for k, v in groups.items()},
+    )
+
+
+# ----------------------------------------------------------- checking the overrides
+def check_overrides(overrides: Sequence[str], conf: Path) -> None:
+    """Refuse overrides of keys nothing declares, before Hydra composes them.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown key or group option (with the closest known one), and for an
+        addition (``+key``) outside ``sweep.``.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    declared = declared_keys(conf)
+    errors = []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        text = override.input_line
+        hydras = key == "hydra" or key.startswith(("hydra.", "hydra/"))
+        if hydras or lenient(key) or override.is_delete():
+            continue
+        if key in declared.groups:
+            errors += _group_option_problems(override, declared)
+            continue
+        if override.is_add() or override.is_force_add():
+            errors.append(_addition_problem(text, key, declared))
+        elif not declared.known(key):
+            errors.append(f"{text}: {_unknown(key, declared)}")
+    if errors:
+        raise ConfigError("Invalid overrides:\n  - " + "\n  - ".join(errors))
+
+
+def _unknown(key: str, declared: DeclaredKeys) -> str:
+    suggestion = declared.closest(key)
+    hint = f"did you mean {suggestion}?" if suggestion else "see conf/config.yaml for the keys"
+    return f"{key} is not a setting; {hint}"
+
+
+def _addition_problem(text: str, key: str, declared: DeclaredKeys) -> str:
+    bare = text.lstrip("+")
+    if key in declared.owners:
+        where = " or ".join(declared.owners[key])
+        return (
+            f"{text}: '+' adds a key the selected option lacks, and nothing would read "
+            f"it; {key} belongs to {where}: select that, then set {bare}"
+        )
+    if declared.known(key):
+        return f"{text}: {key} is already a setting; write {bare} without '+'"
+    return f"{text}: {_unknown(key, declared)} ('+' adds keys; only sweep.* may be added)"
+
+
+def _group_option_problems(override: Any, declared: DeclaredKeys) -> list[str]:
+    group, value = override.key_or_group, override.value()
+    options = declared.groups[override.key_or_group]
+    if override.is_sweep_override() or value is None or not isinstance(value, str):
+        return []  # Hydra reports these itself
+    if value in options:
+        return []
+    match = difflib.get_close_matches(value, options, n=1, cutoff=0.5)
+    hint = f"did you mean {group}={match[0]}? " if match else ""
+    choices = ", ".join(options)
+    return [f"{override.input_line}: no option {value!r} in {group}; {hint}choose {choices}"]
+
+
+# ------------------------------------------------------------- checking the result
+_MISSING = object()
+_RANGE = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])$")
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "null":
+        return value is None
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "mapping":
+        return isinstance(value, DictConfig | Mapping)
+    if kind.startswith("list[") and kind.endswith("]"):
+        item = kind[5:-1]
+        return isinstance(value, ListConfig | list | tuple) and all(
+            _is_kind(v, item) for v in value
+        )
+    raise ValueError(f"schema: unknown type {kind!r}")
+
+
+_NAMES = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "null": "null",
+    "mapping": "a mapping",
+    "list[int]": "a list of integers",
+    "list[float]": "a list of numbers",
+    "list[str]": "a list of strings",
+}
+
+
+def _show(value: Any) -> str:
+    """Write ``value`` as a Hydra override would."""
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _bound(token: str, cfg: DictConfig) -> tuple[float, str] | None:
+    """Return (value, label) of an interval bound; None if a referenced key is invalid."""
+    try:
+        number = float(token)
+    except ValueError:
+        ref = OmegaConf.select(cfg, token)
+        if isinstance(ref, bool) or not isinstance(ref, int | float):
+            return None
+        return float(ref), f"{token}={ref}"
+    return number, token
+
+
+def _range_problem(values: Sequence[float], spec: str, cfg: DictConfig) -> str | None:
+    match = _RANGE.match(spec)
+    if match is None:
+        raise ValueError(f"schema: bad range {spec!r}")
+    opening, low_token, high_token, closing = match.groups()
+    low, high = _bound(low_token, cfg), _bound(high_token, cfg)
+    if low is None or high is None:
+        return None
+    for value in values:
+        below = value < low[0] or (opening == "(" and value == low[0])
+        above = value > high[0] or (closing == ")" and value == high[0])
+        if below or above:
+            return f"must be in {opening}{low[1]}, {high[1]}{closing}"
+    return None
+
+
+def _numbers(value: Any) -> list[float]:
+    """Return the number, or the numbers of a list, that a range applies to."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, ListConfig | list) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    ):
+        return list(value)
+    return []
+
+
+def _references(spec: str | None) -> list[str]:
+    """Return the keys an interval's bounds refer to."""
+    match = _RANGE.match(spec or "")
+    tokens = match.groups()[1:3] if match else ()
+    return [t for t in tokens if not re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+|inf)", t)]
+
+
+def _value_problem(setting: Setting, value: Any, cfg: DictConfig, *, ranged: bool) -> str | None:
+    kinds = setting.type.split("|")
+    if not any(_is_kind(value, kind) for kind in kinds):
+        expected = " or ".join(_NAMES[k] for k in kinds)
+        quote = "str" in kinds and not isinstance(value, str | DictConfig | ListConfig)
+        hint = f" (quote it: {setting.key}='{_show(value)}')" if quote else ""
+        return f"expected {expected}, got {type(value).__name__}{hint}"
+    numbers = _numbers(value)
+    if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+        return "must be finite"
+    if setting.choices is not None and value is not None and value not in setting.choices:
+        match = difflib.get_close_matches(str(value), setting.choices, n=1, cutoff=0.5)
+        hint = f"did you mean {match[0]!r}? " if match else ""
+        return f"{hint}choose one of {', '.join(setting.choices)}"
+    if ranged and setting.range is not None and numbers:
+        return _range_problem(numbers, setting.range, cfg)
+    return None
+
+
+def _message(setting: Setting, value: Any, problem: str, declared: DeclaredKeys) -> str:
+    if setting.type == "mapping":  # a rule over a whole group names its own keys
+        return problem
+    if setting.fix is not None:
+        fix = setting.fix
+    elif setting.key in declared.leaves and "${" not in str(declared.leaves[setting.key]):
+        fix = f"e.g. {setting.key}={_show(declared.leaves[setting.key])}"
+    else:
+        fix = "see conf/ for an example"
+    meaning = f" ({setting.meaning})" if setting.meaning else ""
+    return f"{setting.key}={_show(value)}: {problem}{meaning}; fix: {fix}"
+
+
+def config_problems(cfg: DictConfig, conf: Path) -> list[str]:
+    """Return what is wrong with a composed, resolved configuration (empty if valid)."""
+    declared = declared_keys(conf)
+    errors: dict[str, str] = {}
+    for key, _ in _flatten(cfg):
+        if not declared.covers(key):
+            errors[key] = f"{key}: {_unknown(key, declared)}"
+    checks, cross = [], []
+    for setting in SETTINGS:
+        if not setting.applies(cfg):
+            continue
+        value = OmegaConf.select(cfg, setting.key, default=_MISSING)
+        if value is _MISSING:
+            if setting.required:
+                errors[setting.key] = (
+                    f"{setting.key} is missing ({setting.meaning}); restore it in conf/ or "
+                    "drop the override that removed it"
+                )
+            continue
+        refers = _references(setting.range)
+        if problem := _value_problem(setting, value, cfg, ranged=not refers):
+            errors[setting.key] = _message(setting, value, problem, declared)
+            continue
+        if refers:
+            cross.append((setting, value, refers))
+        if setting.check is not None:
+            checks.append((setting, value))
+    # A range bounded by another key is checked once that key is known to be valid, so
+    # num_experts=0 is one error, not one per key bounded by it.
+    for setting, value, refers in cross:
+        if any(ref in errors for ref in refers):
+            continue
+        if problem := _range_problem(_numbers(value), setting.range or "", cfg):
+            errors[setting.key] = _message(setting, value, problem, declared)
+    for setting, value in checks:
+        if any(k == setting.key or k.startswith(setting.key + ".") for k in errors):
+            continue
+        for problem in setting.check(value, cfg):  # type: ignore[misc]
+            errors[setting.key] = _message(setting, value, problem, declared)
+    return list(errors.values())
+
+
+def unchecked_keys(conf: Path) -> list[str]:
+    """Return declared keys that have no row (and are not exempt): a test keeps it empty."""
+    declared = declared_keys(conf)
+    return sorted(
+        key
+        for key in declared.leaves
+        if not lenient(key)
+        and not key.startswith(tuple(g + "." for g in UNCHECKED_GROUP_KEYS))
+        and not any(key == s.key or key.startswith(s.key + ".") for s in SETTINGS)
+    )
