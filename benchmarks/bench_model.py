@@ -53,10 +53,15 @@ from flexmoe_core.model import (  # noqa: E402
 MODELS = (
     ("cnn (digits 8x8, default)", "model=cnn", (1, 8, 8), 0.40),
     ("cnn (cpu presets, 32x32)", "experiment=cpu_cifar10_dirichlet", (3, 32, 32), 0.40),
-    ("resnet18 moe_from=layer4", "experiment=paper_cifar10_dirichlet", (3, 32, 32), 0.35),
+    (
+        "resnet18 moe_from=layer4",
+        "experiment=paper_cifar10_dirichlet model.moe_from=layer4",
+        (3, 32, 32),
+        0.35,
+    ),
     (
         "resnet18 moe_from=layer3",
-        "experiment=paper_cifar10_dirichlet model.moe_from=layer3",
+        "experiment=paper_cifar10_dirichlet",
         (3, 32, 32),
         0.35,
     ),

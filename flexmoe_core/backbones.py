@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+BACKBONES = ("cnn", "resnet18")
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -138,4 +140,18 @@ def network_stages(
         return cnn_stages(in_channels, num_classes, width, feature_dim, pool)
     if name == "resnet18":
         return resnet18_stages(in_channels, num_classes, width)
-    raise ValueError(f"Unknown backbone {name!r}: choose 'cnn' or 'resnet18'.")
+    raise ValueError(f"Unknown backbone {name!r}: choose one of {BACKBONES}.")
+
+
+def moe_cut_problems(name: str, moe_from: str) -> list[str]:
+    """Return what is wrong with cutting network ``name`` at stage ``moe_from`` (empty: fine).
+
+    Any stage but the first may start the experts: the trunk keeps the stages before it.
+    """
+    choices = [s.name for s in network_stages(name, 1, 1, 1)][1:]  # builders are not called
+    if moe_from in choices:
+        return []
+    return [
+        f"not a stage of {name}: choose one of {choices} "
+        "(the trunk keeps the stages before it, each expert the rest)"
+    ]

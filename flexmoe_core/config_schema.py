@@ -33,10 +33,12 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .backbones import BACKBONES, moe_cut_problems
 from .data import DatasetError, Normaliser, build_augment
 from .data.partition import PARTITION_TYPES
 from .data.raw import SOURCES
 from .faults import validate_faults
+from .model import DISPATCH_MODES
 
 # Subtrees whose keys are not checked here (the sweep entry point reads them).
 LENIENT_PREFIXES = ("sweep",)
@@ -153,6 +155,13 @@ def _augment(value: Any, cfg: DictConfig) -> list[str]:
 
 def _faults(value: Any, cfg: DictConfig) -> list[str]:
     return validate_faults(value)
+
+
+def _moe_cut(value: Any, cfg: DictConfig) -> list[str]:
+    backbone = OmegaConf.select(cfg, "model.backbone")
+    if backbone not in BACKBONES:
+        return []  # model.backbone's own rule reports it
+    return moe_cut_problems(backbone, value)
 
 
 def _privacy_needs_mean(value: Any, cfg: DictConfig) -> list[str]:
@@ -301,12 +310,19 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     S("strategy.tie_noise", "float", "[0, inf)", meaning="tie-breaking noise", required=False),
     # model (rows are optional unless every model needs them: see module docstring)
-    S("model.backbone", "str", choices=("cnn", "resnet18"), meaning="backbone network"),
+    S("model.backbone", "str", choices=BACKBONES, meaning="backbone network"),
     S("model.num_experts", "int", "[1, inf)", meaning="E, experts in the layer"),
     S("model.top_k", "int", "[1, model.num_experts]", meaning="experts per sample"),
     S("model.width", "int", "[1, inf)", meaning="backbone width", required=False),
     S("model.feature_dim", "int", "[1, inf)", meaning="feature size", required=False),
-    S("model.expert_hidden", "int", "[1, inf)", meaning="expert hidden size", required=False),
+    S(
+        "model.moe_from",
+        "str",
+        meaning="first stage of the experts (the MoE cut)",
+        fix="pick one of the stages named",
+        check=_moe_cut,
+    ),
+    S("model.dispatch", "str", choices=DISPATCH_MODES, meaning="how experts run on a batch"),
     S("model.pool", "bool", meaning="max-pool after each conv block", required=False),
     # dataset (group-specific keys are optional)
     S("dataset.name", "str", meaning="dataset name", check=_non_empty),

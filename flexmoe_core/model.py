@@ -27,7 +27,7 @@ import torch.nn.functional as F  # noqa: N812
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from .backbones import Stage, network_stages
+from .backbones import Stage, moe_cut_problems, network_stages
 
 BACKBONE_PREFIX = "backbone."
 EXPERT_PREFIX = "experts."
@@ -165,13 +165,10 @@ def split_stages(
         int(model_cfg.get("feature_dim", 64)),
         bool(model_cfg.get("pool", False)),
     )
-    names = [s.name for s in stages]
     moe_from = str(model_cfg.moe_from)
-    if moe_from not in names[1:]:
-        raise ValueError(
-            f"model.moe_from={moe_from!r} is not a stage of {model_cfg.backbone}: choose one of "
-            f"{names[1:]} (the trunk keeps the stages before it, each expert the rest)"
-        )
+    if problems := moe_cut_problems(str(model_cfg.backbone), moe_from):
+        raise ValueError(f"model.moe_from={moe_from!r}: {problems[0]}")
+    names = [s.name for s in stages]
     cut = names.index(moe_from)
     return stages[:cut], stages[cut:]
 

@@ -232,11 +232,11 @@ def test_new_model_keys_declared_in_conf_are_accepted(tmp_path: Path, monkeypatc
     tree = tmp_path / "conf"
     shutil.copytree(ROOT / "conf", tree)
     with (tree / "model" / "cnn.yaml").open("a") as handle:
-        handle.write("moe_from: null\n")
+        handle.write("capacity_factor: null\n")
     monkeypatch.setenv("FLEXMOE_CONF_DIR", str(tree))
-    assert load_config("model.moe_from=layer3").model.moe_from == "layer3"
-    with pytest.raises(ConfigError, match=r"did you mean model\.moe_from"):
-        load_config("model.moe_frm=layer3")
+    assert load_config("model.capacity_factor=1.25").model.capacity_factor == 1.25
+    with pytest.raises(ConfigError, match=r"did you mean model\.capacity_factor"):
+        load_config("model.capacity_factr=1.25")
 
 
 def test_override_string_keeps_hydra_quotes() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from flexmoe_core.backbones import network_stages
@@ -172,11 +173,18 @@ def test_a_single_routed_sample_trains_through_the_expert_batchnorm(overrides, s
 
 def test_moe_from_must_name_a_stage_after_the_first() -> None:
     for bad, backbone in (("block1", "cnn"), ("layer5", "resnet18")):
-        cfg = load_config(f"model={backbone} model.moe_from={bad}")
+        # Refused when the configuration is loaded, and by the model itself when a
+        # library user builds one from a hand-made configuration.
         with pytest.raises(ValueError, match=r"model\.moe_from=.*choose one of"):
-            build_model(cfg.model, (3, 32, 32), 10)
+            load_config(f"model={backbone} model.moe_from={bad}")
+        model_cfg = OmegaConf.merge(load_config(f"model={backbone}").model, {"moe_from": bad})
+        with pytest.raises(ValueError, match=r"model\.moe_from=.*choose one of"):
+            build_model(model_cfg, (3, 32, 32), 10)
     with pytest.raises(ValueError, match=r"model\.dispatch"):
-        build_model(load_config("model.dispatch=all").model, DIGITS, 10)
+        load_config("model.dispatch=all")
+    model_cfg = OmegaConf.merge(load_config().model, {"dispatch": "all"})
+    with pytest.raises(ValueError, match=r"model\.dispatch"):
+        build_model(model_cfg, DIGITS, 10)
 
 
 def test_state_split_and_strict_loading(cfg) -> None:
