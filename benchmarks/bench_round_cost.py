@@ -1,13 +1,18 @@
 """Cost of the server at scale: its memory and its share of a round's time.
 
     python benchmarks/bench_round_cost.py --data-dir /path/to/datasets \
-        [--clients 1000] [--fraction 0.05] [--rounds 4]
+        [--workload mnist|cifar10] [--clients 1000] [--fraction 0.05] [--rounds 4]
 
 A FLEX-MoE run with --clients registered clients, --fraction of them sampled per
 round, through an in-process grid: the ClientApps run in this process one after the
-other, as a one-worker simulation runs them. The data is MNIST's test split (10,000
-images: <data-dir>/mnist_test, 8 training images per client at 1,000 clients), so the
-clients' work per round is as small as it gets and the server's share as large.
+other, as a one-worker simulation runs them. Workloads (``--data-dir`` laid out like
+the project's test data):
+
+* ``mnist``: MNIST's test split (<data-dir>/mnist_test), 8 training images per client
+  at 1,000 clients, the default CNN: the clients' work per round is as small as it
+  gets, and the server's share as large;
+* ``cifar10``: the ``cpu_cifar10_iid`` preset on CIFAR-10 (<data-dir>/cifar10_jpg),
+  40 training images per client at 1,000 clients.
 
 Printed per round, measured in the same run:
 
@@ -81,12 +86,16 @@ def timed_grid(clients: int):
 def run(args: argparse.Namespace, out: Path) -> None:
     from server_app.strategy import FlexMoEStrategy, to_array_record
 
-    mnist = Path(args.data_dir) / "mnist_test"
-    if not mnist.is_dir():
-        raise SystemExit(f"{mnist} not found: give --data-dir (or $FLEXMOE_TEST_DATA)")
+    data = Path(args.data_dir) / ("mnist_test" if args.workload == "mnist" else "cifar10_jpg")
+    if not data.is_dir():
+        raise SystemExit(f"{data} not found: give --data-dir (or $FLEXMOE_TEST_DATA)")
+    workload = {
+        "mnist": f"dataset=mnist dataset.path={data} dataset.test_fraction=0.2 partition=iid "
+        "partition.min_partition_size=4",
+        "cifar10": f"experiment=cpu_cifar10_iid dataset.path='{data}/*.tar.gz'",
+    }[args.workload]
     cfg = load_config(
-        f"dataset=mnist dataset.path={mnist} dataset.test_fraction=0.2 partition=iid "
-        f"partition.min_partition_size=4 num_clients={args.clients} fraction_train={args.fraction} "
+        f"{workload} num_clients={args.clients} fraction_train={args.fraction} "
         f"num_rounds={args.rounds} evaluate.global_every=0 "
         f"output_root={out} timeouts.wait_for_clients_s=0"
     )
@@ -117,7 +126,7 @@ def run(args: argparse.Namespace, out: Path) -> None:
     print(
         f"## {args.clients} registered clients, {args.fraction:.0%} sampled per round "
         f"({len(strategy.history[0]['assignment'])} participants), {args.rounds} rounds, "
-        f"MNIST test split, model {model_bytes / 1e6:.2f} MB"
+        f"workload {args.workload}, model {model_bytes / 1e6:.2f} MB"
     )
     print(
         f"whole run {total:.1f} s: rounds {rounds_s:.1f} s; the rest is asking all "
@@ -186,6 +195,7 @@ def memory(strategy, model_bytes: int, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=os.environ.get("FLEXMOE_TEST_DATA", ""))
+    parser.add_argument("--workload", choices=("mnist", "cifar10"), default="mnist")
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--fraction", type=float, default=0.05)
     parser.add_argument("--rounds", type=int, default=4)

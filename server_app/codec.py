@@ -46,10 +46,15 @@ def error_reason(reason: str) -> str:
 
 
 def to_array_record(arrays: Mapping[str, np.ndarray | Array]) -> ArrayRecord:
-    """Wrap arrays (NumPy, or Flower Arrays serialised once) into an ArrayRecord."""
-    return ArrayRecord(
-        array_dict={k: v if isinstance(v, Array) else Array(v) for k, v in arrays.items()}
-    )
+    """Wrap arrays into an ArrayRecord; Flower Arrays are shared, not copied.
+
+    The messages of a round share the Arrays of the arrays they have in common:
+    serialised once, and pushed once by Flower (objects are stored by content id).
+    """
+    record = ArrayRecord()
+    for name, value in arrays.items():
+        record[name] = value if isinstance(value, Array) else Array(value)
+    return record
 
 
 def to_numpy(array: Array) -> np.ndarray:
@@ -66,11 +71,15 @@ def to_numpy(array: Array) -> np.ndarray:
     """
     if array.stype != "numpy.ndarray":
         return np.asarray(array.numpy())
-    dtype = np.dtype(array.dtype)
+    data, dtype = array.data, np.dtype(array.dtype)
     size = int(np.prod(array.shape, dtype=np.int64)) * dtype.itemsize
-    if size > len(array.data):
-        raise ValueError(f"array data of {len(array.data)} bytes; its shape needs {size}")
-    header = array.data[: len(array.data) - size]
+    # .npy: magic, version (2 bytes), header length (2 bytes in v1, 4 after), header.
+    major = data[6] if data[:6] == b"\x93NUMPY" and len(data) > 12 else 0
+    start = 10 if major == 1 else 12
+    length = int.from_bytes(data[8:start], "little") if major else -1
+    if start + length + size != len(data):
+        raise ValueError(f"array data of {len(data)} bytes; its dtype and shape need {size}")
+    header = data[: start + length]
     order = "F" if b"'fortran_order': True" in header else "C"
     values = np.frombuffer(array.data, dtype=dtype, offset=len(header))
     return values.reshape(array.shape, order=order).copy(order="K")  # writable, as numpy()

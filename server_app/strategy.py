@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 from omegaconf import DictConfig
+from threadpoolctl import threadpool_limits
 
 from flexmoe_core import protocol as proto
 from flexmoe_core.checkpoint import ServerCheckpoint, save_checkpoint
@@ -275,15 +276,20 @@ class FlexMoEStrategy(Strategy):
         """
         self.summary()
         self.state = RoundState(self.cfg, proto.arrays_to_numpy(initial_arrays))
-        self.membership.discover(grid)
-        if self.resume is not None:
-            self._restore(self.resume)
-        for server_round in range(self.state.completed_round + 1, num_rounds + 1):
-            messages = self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
-            self.aggregate_train(server_round, grid.send_and_receive(messages, timeout=timeout))
-        last = self.state.completed_round
-        if messages := list(self.configure_evaluate(last, ArrayRecord(), ConfigRecord(), grid)):
-            self.aggregate_evaluate(last, grid.send_and_receive(messages, timeout=timeout))
+        # One BLAS thread: the server's array sums are memory-bound, and in a simulation
+        # its cores are the clients'; spinning BLAS threads made aggregation ~10x slower
+        # there (benchmarks/bench_round_cost.py). threadpoolctl comes with scikit-learn.
+        with threadpool_limits(limits=1, user_api="blas"):
+            self.membership.discover(grid)
+            if self.resume is not None:
+                self._restore(self.resume)
+            for server_round in range(self.state.completed_round + 1, num_rounds + 1):
+                messages = self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+                replies = grid.send_and_receive(messages, timeout=timeout)
+                self.aggregate_train(server_round, replies)
+            last = self.state.completed_round
+            if messages := list(self.configure_evaluate(last, ArrayRecord(), ConfigRecord(), grid)):
+                self.aggregate_evaluate(last, grid.send_and_receive(messages, timeout=timeout))
         return result_from_records(to_array_record(self.global_arrays), self.history)
 
     def final_summary(self) -> dict[str, Any]:

@@ -247,3 +247,27 @@ def test_wandb_offline_logging(tmp_path: Path, tiny_overrides: str) -> None:
     server_main(grid, context)
     runs = list((tmp_path / "w" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_reply_arrays_are_read_exactly_as_flower_writes_them() -> None:
+    from flwr.app import Array
+
+    from server_app.codec import to_numpy
+
+    arrays = [
+        np.array(7, dtype=np.int64),
+        np.random.default_rng(0).random((3, 4)).astype(np.float32),
+        np.asfortranarray(np.random.default_rng(1).random((3, 4))),
+        np.zeros((0, 3), dtype=np.float32),
+        np.arange(6, dtype=">i4").reshape(2, 3),
+    ]
+    for value in arrays:
+        array = Array(value)
+        got = to_numpy(array)
+        assert got.dtype == value.dtype and got.shape == value.shape
+        np.testing.assert_array_equal(got, array.numpy())
+        assert got.flags.writeable
+    short = Array(np.zeros(4, dtype=np.float32))
+    short.data = short.data[:-4]
+    with pytest.raises(ValueError, match="its dtype and shape need 16"):
+        to_numpy(short)
