@@ -189,7 +189,7 @@ def node_info(cfg: DictConfig, context: Context) -> ConfigRecord:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Answer the server's capacity query before round 1."""
+    """Answer the server's capacity query (before round 1, or when the node appears later)."""
     cfg = run_config(msg)
     node(context).check_data_location()
     return Message(RecordDict({proto.INFO: node_info(cfg, context)}), reply_to=msg)
