@@ -52,7 +52,7 @@ def main() -> None:
         return
     import run_helpers
 
-    import server_app.strategy as strategy_module
+    import flexmoe_core.round_state as strategy_module  # where aggregate() is called
     from flexmoe_core.config import load_config
     from flexmoe_core.model import split_expert_key
 

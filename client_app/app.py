@@ -143,8 +143,9 @@ def personal_model(
 ) -> MoEClassifier:
     """Build the model of the assigned experts, with the server's arrays and our own gate.
 
-    ``gate_round`` is the newest round whose gate may be used: the previous round
-    for training, the current one for evaluation.
+    ``gate_round`` is the newest round whose gate may be used: the previous round for
+    a train message (training, and the evaluation before it, start from the gate of
+    round t-1), the round itself for the evaluation after the last round.
     """
     experts = [int(e) for e in msg.content[proto.CONFIG][proto.EXPERTS]]
     torch.manual_seed(int(cfg.seed) * 7_919 + node(context).seed_offset())  # the gate's first init
@@ -155,21 +156,52 @@ def personal_model(
     return model
 
 
+def evaluate_received(
+    cfg: DictConfig, msg: Message, model: MoEClassifier, data: ClientData
+) -> MetricRecord:
+    """Evaluate the model as received (own gate + assigned experts) on the local split.
+
+    The global test split is added when the server asks for it (``evaluate.global_every``).
+    """
+    device = resolve_device(str(cfg.train.device))
+    splits = {"local": data.local_test}
+    if bool(msg.content[proto.CONFIG].get(proto.GLOBAL_TEST, False)):
+        limit = int(cfg.evaluate.global_max_samples)
+        splits["global"] = evaluation_subset(data.global_test, limit, int(cfg.seed))
+    results = {}
+    for name, split in splits.items():
+        res = evaluate(model, torch.from_numpy(split.x), torch.from_numpy(split.y), device=device)
+        results[name] = (res.num_examples, res.loss, res.accuracy)
+    return MetricRecord(proto.encode_evaluation(results))
+
+
+def node_info(cfg: DictConfig, context: Context) -> ConfigRecord:
+    """Return what the server asks of a node: capacity, client key, partition count.
+
+    The capacity is read anew each time: a node may report a new one with any reply.
+    """
+    settings = node(context)
+    info = {proto.CAPACITY: settings.capacity(cfg), proto.CLIENT_KEY: settings.client_key()}
+    if "num-partitions" in settings.config and "data-path" not in settings.config:
+        info[proto.NUM_PARTITIONS] = int(settings.config["num-partitions"])
+    return ConfigRecord(info)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Answer the server's capacity query before round 1."""
+    """Answer the server's capacity query (before round 1, or when the node appears later)."""
     cfg = run_config(msg)
-    settings = node(context)
-    settings.check_data_location()
-    info = ConfigRecord(
-        {proto.CAPACITY: settings.capacity(cfg), proto.CLIENT_KEY: settings.client_key()}
-    )
-    return Message(RecordDict({proto.INFO: info}), reply_to=msg)
+    node(context).check_data_location()
+    return Message(RecordDict({proto.INFO: node_info(cfg, context)}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train backbone, assigned experts and gate; send back all but the gate."""
+    """Evaluate the received model if asked, then train it; send back all but the gate.
+
+    The received model is the previous round's aggregate: evaluating it here, before
+    training, saves a second download of the same arrays.
+    """
     cfg = run_config(msg)
     server_round = int(msg.content[proto.CONFIG][proto.ROUND])
     key = node(context).client_key()
@@ -185,6 +217,9 @@ def train(msg: Message, context: Context) -> Message:
         time.sleep(fault.delay_s)
     data = client_data(cfg, context)
     model = personal_model(cfg, msg, context, data, gate_round=server_round - 1)
+    evaluation = None
+    if bool(msg.content[proto.CONFIG].get(proto.EVALUATE, False)):
+        evaluation = evaluate_received(cfg, msg, model, data)
     result = train_local(
         model,
         torch.from_numpy(data.train.x),
@@ -214,31 +249,20 @@ def train(msg: Message, context: Context) -> Message:
             ),
             proto.METRICS: metrics,
             proto.FEEDBACK: MetricRecord(proto.encode_feedback(result.feedback)),
+            proto.INFO: node_info(cfg, context),
         }
     )
+    if evaluation is not None:
+        content[proto.EVALUATION] = evaluation
     return Message(content, reply_to=msg)
 
 
 @app.evaluate()
-def evaluate_personalised(msg: Message, context: Context) -> Message:
-    """Evaluate own gate + assigned experts on the local split (and the global test)."""
+def evaluate_final(msg: Message, context: Context) -> Message:
+    """After the last round: evaluate the final model with the gate trained in it."""
     cfg = run_config(msg)
     data = client_data(cfg, context)
     server_round = int(msg.content[proto.CONFIG][proto.ROUND])
     model = personal_model(cfg, msg, context, data, gate_round=server_round)
-    device = resolve_device(str(cfg.train.device))
-    splits = {"local": data.local_test}
-    if bool(msg.content[proto.CONFIG].get(proto.GLOBAL_TEST, False)):
-        limit = int(cfg.evaluate.global_max_samples)
-        splits["global"] = evaluation_subset(data.global_test, limit, int(cfg.seed))
-    metrics: dict[str, float | int] = {}
-    for name, split in splits.items():
-        res = evaluate(model, torch.from_numpy(split.x), torch.from_numpy(split.y), device=device)
-        metrics.update(
-            {
-                f"{name}-num": res.num_examples,
-                f"{name}-loss": res.loss,
-                f"{name}-acc": res.accuracy,
-            }
-        )
-    return Message(RecordDict({proto.METRICS: MetricRecord(metrics)}), reply_to=msg)
+    evaluation = evaluate_received(cfg, msg, model, data)
+    return Message(RecordDict({proto.EVALUATION: evaluation}), reply_to=msg)

@@ -8,24 +8,40 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from .allocation_fast import solve_flow
+from .allocation_problem import (
+    InfeasibleAllocationError,
+    LoadBounds,
+    check_feasible,
+    check_inputs,
+    infeasible_assignment_error,
+    load_bounds,
+    validate_capacities,
+    verify_assignment,
+)
 
-class InfeasibleAllocationError(ValueError):
-    """The allocation constraints cannot be met; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class LoadBounds:
-    """Per-expert bounds on how many clients hold each expert this round."""
-
-    lower: np.ndarray  # (E,) int
-    upper: np.ndarray  # (E,) int
-    mean_load: float  # L-bar = sum_c k_c / E
+__all__ = [
+    "Allocation",
+    "Allocator",
+    "DenseAllocator",
+    "ExpertChoiceAllocator",
+    "FlexAllocator",
+    "GreedyAllocator",
+    "InfeasibleAllocationError",
+    "LoadBounds",
+    "RandomAllocator",
+    "check_feasible",
+    "load_bounds",
+    "make_allocator",
+    "update_deficit",
+    "validate_capacities",
+    "verify_assignment",
+]
 
 
 @dataclass(frozen=True)
@@ -55,88 +71,6 @@ class Allocator(Protocol):
         ...
 
 
-def validate_capacities(capacities: Sequence[int] | np.ndarray, num_experts: int) -> np.ndarray:
-    """Return capacities as an int array, refusing k_c < 1 or k_c > E with a clear error."""
-    caps = np.asarray(capacities)
-    if caps.ndim != 1 or caps.size == 0:
-        raise InfeasibleAllocationError("capacities must be a non-empty 1-D list")
-    if not np.all(np.equal(np.mod(caps, 1), 0)):
-        raise InfeasibleAllocationError(f"capacities must be integers, got {caps.tolist()}")
-    caps = caps.astype(int)
-    if (bad := np.flatnonzero(caps < 1)).size:
-        raise InfeasibleAllocationError(
-            f"capacity constraint: clients at positions {bad.tolist()} have capacity "
-            f"{caps[bad].tolist()} < 1; every client must hold at least one expert "
-            "(raise their capacity or leave them out of the round)"
-        )
-    if (bad := np.flatnonzero(caps > num_experts)).size:
-        raise InfeasibleAllocationError(
-            f"capacity constraint: clients at positions {bad.tolist()} have capacity "
-            f"{caps[bad].tolist()} > E={num_experts} experts; a client cannot hold an "
-            f"expert twice (lower their capacity to at most {num_experts} or add experts)"
-        )
-    return caps
-
-
-def load_bounds(
-    capacities: np.ndarray,
-    num_experts: int,
-    epsilon: float,
-    deficit: np.ndarray,
-    rng: np.random.Generator,
-) -> LoadBounds:
-    """Return the load bounds floor((1-eps) L-bar) .. ceil((1+eps) L-bar).
-
-    With ``epsilon == 0`` and a fractional L-bar, every expert gets floor(L-bar) and
-    the ``sum k - E floor(L-bar)`` remainder slots go to the experts with the largest
-    historical deficit H (ties broken by ``rng``), so cumulative loads stay equal.
-    """
-    total = int(capacities.sum())
-    mean_load = total / num_experts
-    if epsilon == 0:
-        base, extra = divmod(total, num_experts)
-        lower = np.full(num_experts, base, dtype=int)
-        if extra:
-            order = np.lexsort((rng.random(num_experts), -np.asarray(deficit, dtype=float)))
-            lower[order[:extra]] += 1
-        return LoadBounds(lower, lower.copy(), mean_load)
-    low = math.floor((1 - epsilon) * mean_load + 1e-9)
-    high = math.ceil((1 + epsilon) * mean_load - 1e-9)
-    return LoadBounds(
-        np.full(num_experts, max(low, 0), dtype=int),
-        np.full(num_experts, high, dtype=int),
-        mean_load,
-    )
-
-
-def check_feasible(capacities: np.ndarray, num_experts: int, bounds: LoadBounds) -> None:
-    """Refuse load bounds that no assignment can meet, naming the constraint."""
-    total, clients = int(capacities.sum()), len(capacities)
-    if (bounds.lower > bounds.upper).any():
-        raise InfeasibleAllocationError(
-            f"load bounds: lower {bounds.lower.tolist()} exceeds upper "
-            f"{bounds.upper.tolist()} (use epsilon >= 0)"
-        )
-    if bounds.lower.sum() > total:
-        raise InfeasibleAllocationError(
-            f"load-balance constraint: experts need at least {bounds.lower.sum()} slots "
-            f"in total but the clients' capacities give only {total} "
-            "(raise capacities, add clients, or increase epsilon)"
-        )
-    if np.minimum(bounds.upper, clients).sum() < total:
-        raise InfeasibleAllocationError(
-            f"load-balance constraint: capacities give {total} slots but the experts can "
-            f"take at most {np.minimum(bounds.upper, clients).sum()} "
-            f"({clients} clients, upper bounds {bounds.upper.tolist()}); "
-            "increase epsilon or lower capacities"
-        )
-    if (bounds.lower > clients).any():
-        raise InfeasibleAllocationError(
-            f"load-balance constraint: an expert must be held by {bounds.lower.max()} "
-            f"clients but only {clients} take part (sample more clients per round)"
-        )
-
-
 def assignment_objective(fitness: np.ndarray, assignment: np.ndarray) -> float:
     """Return sum of Q over the assigned (client, expert) pairs."""
     return float((fitness * assignment).sum())
@@ -150,16 +84,6 @@ def update_deficit(deficit: np.ndarray, assignment: np.ndarray) -> np.ndarray:
 
 def _tie_break(fitness: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
     return fitness + noise * rng.random(fitness.shape) if noise > 0 else fitness
-
-
-def _check_inputs(fitness: np.ndarray, capacities: np.ndarray) -> np.ndarray:
-    if fitness.ndim != 2 or fitness.shape[0] != len(capacities):
-        raise ValueError(
-            f"fitness has shape {fitness.shape} but there are {len(capacities)} capacities"
-        )
-    if not np.isfinite(fitness).all():
-        raise ValueError("fitness contains NaN or Inf")
-    return validate_capacities(capacities, fitness.shape[1])
 
 
 class FlexAllocator:
@@ -216,10 +140,7 @@ class FlexAllocator:
         The bounds and the tie-breaking noise are drawn from ``rng`` in the same order
         on both paths, so a seed gives both solvers the same problem.
         """
-        # Imported here: allocation_fast builds on this module.
-        from .allocation_fast import solve_flow
-
-        caps = _check_inputs(fitness, capacities)
+        caps = check_inputs(fitness, capacities)
         start = time.perf_counter()
         num_experts = fitness.shape[1]
         bounds = load_bounds(caps, num_experts, self.epsilon, deficit, rng)
@@ -244,8 +165,6 @@ class FlexAllocator:
         """Solve with cvxpy; return the 0/1 assignment and ``lp`` or ``milp``."""
         import cvxpy as cp
 
-        from .allocation_fast import infeasible_assignment_error
-
         def solve(boolean: bool) -> np.ndarray | None:
             x = cp.Variable(noisy.shape, boolean=boolean)
             load = cp.sum(x, axis=0)
@@ -268,18 +187,6 @@ class FlexAllocator:
         return np.round(relaxed).astype(bool), method
 
 
-def verify_assignment(assignment: np.ndarray, capacities: np.ndarray, bounds: LoadBounds) -> None:
-    """Raise if ``assignment`` breaks a capacity or load bound (a solver bug guard)."""
-    rows, loads = assignment.sum(axis=1), assignment.sum(axis=0)
-    if not np.array_equal(rows, capacities):
-        raise RuntimeError(f"solver broke capacities: {rows.tolist()} != {capacities.tolist()}")
-    if (loads < bounds.lower).any() or (loads > bounds.upper).any():
-        raise RuntimeError(
-            f"solver broke load bounds: {loads.tolist()} not in "
-            f"{bounds.lower.tolist()}..{bounds.upper.tolist()}"
-        )
-
-
 class _BaselineAllocator:
     """Shared frame of the baselines: check the inputs, time :meth:`assign`, report."""
 
@@ -297,7 +204,7 @@ class _BaselineAllocator:
         rng: np.random.Generator,
     ) -> Allocation:
         """Return this round's assignment (the deficit is not used by baselines)."""
-        caps = _check_inputs(fitness, capacities)
+        caps = check_inputs(fitness, capacities)
         start = time.perf_counter()
         assignment = self.assign(fitness, caps, rng)
         return Allocation(
@@ -337,7 +244,7 @@ class DenseAllocator:
     name = "dense"
 
     def __call__(self, fitness, capacities, deficit, rng) -> Allocation:  # noqa: D102
-        _check_inputs(fitness, np.minimum(np.asarray(capacities), fitness.shape[1]))
+        check_inputs(fitness, np.minimum(np.asarray(capacities), fitness.shape[1]))
         assignment = np.ones(fitness.shape, dtype=bool)
         return Allocation(assignment, assignment_objective(fitness, assignment), 0.0, self.name)
 

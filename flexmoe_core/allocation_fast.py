@@ -59,11 +59,11 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import dijkstra
 
-from .allocation import (
-    InfeasibleAllocationError,
+from .allocation_problem import (
     LoadBounds,
-    _check_inputs,
     check_feasible,
+    check_inputs,
+    infeasible_assignment_error,
     verify_assignment,
 )
 
@@ -99,16 +99,6 @@ class FlowSolution:
     cancelled_cycles: int
 
 
-def infeasible_assignment_error(
-    capacities: np.ndarray, bounds: LoadBounds
-) -> InfeasibleAllocationError:
-    """Return the error both solvers raise when no assignment meets the bounds."""
-    return InfeasibleAllocationError(
-        f"the solver found no assignment meeting capacities {capacities.tolist()} "
-        f"and load bounds {bounds.lower.tolist()}..{bounds.upper.tolist()}"
-    )
-
-
 def solve_flow(
     fitness: np.ndarray,
     capacities: Sequence[int] | np.ndarray,
@@ -125,7 +115,7 @@ def solve_flow(
     capacities : sequence of int
         k_c in [1, E] per client.
     bounds : LoadBounds
-        Per-expert load bounds, e.g. from :func:`~flexmoe_core.allocation.load_bounds`.
+        Per-expert load bounds, e.g. from :func:`~flexmoe_core.allocation_problem.load_bounds`.
     price_sweeps : int
         Most sweeps of the dual warm start; 0 starts from the greedy assignment. It
         changes the speed, never the optimum.
@@ -139,11 +129,11 @@ def solve_flow(
     ------
     InfeasibleAllocationError
         With the same messages as the cvxpy reference: bad capacities, bounds that
-        :func:`~flexmoe_core.allocation.check_feasible` refuses, or bounds no
+        :func:`~flexmoe_core.allocation_problem.check_feasible` refuses, or bounds no
         assignment can meet.
     """
     q = np.asarray(fitness, dtype=float)
-    caps = _check_inputs(q, np.asarray(capacities))
+    caps = check_inputs(q, np.asarray(capacities))
     num_experts = q.shape[1]
     lower = np.asarray(bounds.lower, dtype=np.int64)
     upper = np.asarray(bounds.upper, dtype=np.int64)

@@ -1,14 +1,18 @@
 """Checkpoints: the server's state after a round, and the versions of a client's gate.
 
 The server writes one file, ``<run_dir>/checkpoint.npz``, atomically after every round:
-the global arrays, the fitness table, the deficits, the cumulative loads, the metric
-history, the capacities and the configuration. Everything that is per client is keyed
-by the client's stable key (partition id or ``client-id``), never by Flower node id:
-node ids change when a federation restarts, client keys do not.
+the global arrays, the fitness table, the deficits, the cumulative loads, the finished
+round records, the last round's record while it waits for its evaluation (made in the
+next round, see :mod:`flexmoe_core.round_state`), the capacities and the
+configuration. Everything that is per client is keyed by the client's stable key
+(partition id or ``client-id``), never by Flower node id: node ids change when a
+federation restarts, client keys do not.
 
 A client keeps each gate it trains as a *version* tagged with the round it was
-trained in. Training in round t starts from the newest version older than t, and
-evaluation in round t uses the newest version up to t. A client that already trained
+trained in. Training in round t starts from the newest version older than t, and so
+does the evaluation that precedes it in the same message (it measures round t-1's
+model); the evaluation after the last round T uses the newest version up to T. A
+client that already trained
 round t before the server was killed therefore starts the resumed round t from the
 same gate as an uninterrupted run would. Versions live in the client's context and,
 when a directory is configured, on disk, which survives a restart of the federation.
@@ -27,10 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from .results import METRICS_FILE, atomic_write_bytes
+from .results import atomic_write_bytes
 
 CHECKPOINT_FILE = "checkpoint.npz"
-FORMAT_VERSION = 1
+# 2: pending record (evaluation folded into the next round's message); experts as
+# sub-networks. Older formats are refused (see load_checkpoint).
+FORMAT_VERSION = 2
 # Gate versions a client keeps: the server is at most one round behind a client, so
 # two would do; one more leaves room for a round whose reply was lost.
 KEEP_GATE_VERSIONS = 3
@@ -72,9 +78,11 @@ class ServerCheckpoint:
     loads : dict
         Cumulative loads (:meth:`flexmoe_core.metrics.LoadTracker.state`).
     history : list of dict
-        The per-round metric records written so far.
+        The finished per-round records (those in ``metrics.jsonl``).
+    pending : dict or None
+        The last round's record while it waits for its evaluation.
     capacities : dict of int to int
-        Capacity per client key, as reported at discovery.
+        Capacity per client key, as last reported.
     config : dict
         The run configuration, to check that a resumption computes the same thing.
     """
@@ -85,6 +93,7 @@ class ServerCheckpoint:
     deficit: np.ndarray
     loads: dict[str, list[float]]
     history: list[dict[str, Any]] = field(default_factory=list)
+    pending: dict[str, Any] | None = None
     capacities: dict[int, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -113,6 +122,7 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: ServerCheckpoint) 
         "fitness_keys": [int(k) for k in keys],
         "loads": checkpoint.loads,
         "history": checkpoint.history,
+        "pending": checkpoint.pending,
         "capacities": {str(k): int(v) for k, v in checkpoint.capacities.items()},
         "config": checkpoint.config,
     }
@@ -160,10 +170,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> ServerCheckpoint:
             }
     except (OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"{path} is not a readable checkpoint: {err}") from None
-    if meta.get("format_version") != FORMAT_VERSION:
+    if (version := meta.get("format_version")) != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} has checkpoint format {meta.get('format_version')!r}; this version "
-            f"reads format {FORMAT_VERSION}"
+            f"{path} is a checkpoint of format {version!r}, written by an earlier version "
+            "of FLEX-MoE on Flower (an earlier model form and round protocol); this version "
+            f"reads format {FORMAT_VERSION} only. Start a new run (drop checkpoint.resume "
+            "or give another run_name), or finish this run with the release that wrote it."
         )
     keys = [int(k) for k in meta["fitness_keys"]]
     return ServerCheckpoint(
@@ -173,6 +185,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> ServerCheckpoint:
         deficit=deficit,
         loads=meta["loads"],
         history=meta["history"],
+        pending=meta.get("pending"),
         capacities={int(k): int(v) for k, v in meta["capacities"].items()},
         config=meta["config"],
     )
@@ -211,17 +224,37 @@ def config_differences(
     ]
 
 
-def rewrite_metrics(run_dir: str | os.PathLike[str], history: Iterable[Mapping[str, Any]]) -> None:
-    """Replace ``metrics.jsonl`` by ``history``: drops rounds written after the checkpoint.
+def check_model_arrays(
+    checkpoint: ServerCheckpoint, model_arrays: Mapping[str, np.ndarray], source: str
+) -> None:
+    """Refuse a checkpoint whose arrays do not fit the model this configuration builds.
 
-    A run killed between writing a round's metrics and its checkpoint leaves a line
-    that the resumed run writes again; rewriting from the checkpoint keeps one line
-    per round.
+    Raises
+    ------
+    CheckpointError
+        Naming the first differences (missing, unexpected, other shape or dtype) and
+        the fix.
     """
-    lines = "".join(
-        json.dumps(record, sort_keys=True, default=_json_default) + "\n" for record in history
-    )
-    atomic_write_bytes(Path(run_dir) / METRICS_FILE, lines.encode())
+    saved = checkpoint.global_arrays
+    problems = [f"missing {name}" for name in sorted(set(model_arrays) - set(saved))]
+    problems += [f"unexpected {name}" for name in sorted(set(saved) - set(model_arrays))]
+    for name in sorted(set(saved) & set(model_arrays)):
+        got, want = saved[name], model_arrays[name]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            problems.append(
+                f"{name} is {got.dtype}{list(got.shape)}, the model has "
+                f"{want.dtype}{list(want.shape)}"
+            )
+    if problems:
+        shown = "; ".join(problems[:4]) + (
+            f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
+        )
+        raise CheckpointError(
+            f"{source} holds a model that does not match the one this configuration builds "
+            f"({shown}). It comes from an earlier model form (or other model.* settings). "
+            "Start a new run (drop checkpoint.resume or give another run_name), or finish "
+            "this run with the release that wrote it."
+        )
 
 
 # ------------------------------------------------------------------ client gates

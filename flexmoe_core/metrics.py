@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -22,6 +22,29 @@ def load_stats(loads: np.ndarray) -> dict[str, float]:
 def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
     """Return the payload size of a set of arrays in bytes."""
     return int(sum(a.nbytes for a in arrays.values()))
+
+
+def summarise_evaluations(
+    evaluations: Sequence[Mapping[str, tuple[int, float, float]]],
+) -> dict[str, float]:
+    """Average personalised evaluations over clients, weighted by each split's size.
+
+    Each evaluation maps a split (``local``, ``global``) to (examples, loss, accuracy).
+    Returns ``<split>_acc``, ``<split>_loss``, and the spread over clients
+    ``<split>_acc_min`` and ``<split>_acc_std``, for every split some client measured.
+    """
+    out: dict[str, float] = {}
+    for split in ("local", "global"):
+        rows = [e[split] for e in evaluations if split in e and e[split][0] > 0]
+        if not rows:
+            continue
+        weights = np.array([num for num, _, _ in rows], dtype=float)
+        accuracies = [acc for _, _, acc in rows]
+        out[f"{split}_acc"] = float(np.average(accuracies, weights=weights))
+        out[f"{split}_loss"] = float(np.average([loss for _, loss, _ in rows], weights=weights))
+        out[f"{split}_acc_min"] = float(np.min(accuracies))
+        out[f"{split}_acc_std"] = float(np.std(accuracies))
+    return out
 
 
 class LoadTracker:

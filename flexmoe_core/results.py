@@ -6,7 +6,7 @@ import datetime as dt
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,11 @@ def _jsonable(value: Any) -> Any:
 
 
 class RunRecorder:
-    """Writes a run's results under ``run_dir``; optionally mirrors metrics to W&B."""
+    """Writes a run's results under ``run_dir``; optionally mirrors metrics to W&B.
+
+    It is the only writer of ``metrics.jsonl``: :meth:`log_round` appends a finished
+    round, :meth:`restart_metrics` replaces the file by the records of a checkpoint.
+    """
 
     def __init__(self, run_dir: Path, cfg: DictConfig) -> None:
         self.run_dir = run_dir
@@ -89,8 +93,18 @@ class RunRecorder:
             config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
         )
 
+    def restart_metrics(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Replace ``metrics.jsonl`` by ``records`` (those of the checkpoint resumed from).
+
+        A run killed after its checkpoint but before the round's line, or after lines
+        that the checkpoint does not hold yet, then has exactly one line per finished
+        round, as an uninterrupted run.
+        """
+        lines = "".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in records)
+        atomic_write_bytes(self.run_dir / METRICS_FILE, lines.encode())
+
     def log_round(self, record: Mapping[str, Any]) -> None:
-        """Append one round's metrics as a JSON line (and log scalars to W&B)."""
+        """Append one finished round as a JSON line (and log its scalars to W&B)."""
         line = json.dumps(_jsonable(record), sort_keys=True)
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(line + "\n")

@@ -13,9 +13,12 @@ the work directory. The script writes a ``[superlink.<name>]`` entry to
     python scripts/local_federation.py stop /tmp/fed
 
 ``add-node`` adds a SuperNode to a running federation (``--unregistered``: with a
-key the SuperLink does not know, to see it refused). ``stop`` ends every process the
-script started (their ids are in ``<workdir>/federation.json``) and removes the
-config entry. Everything listens on 127.0.0.1 only.
+key the SuperLink does not know, to see it refused). ``kill-node`` ends a SuperNode
+and its ClientApp processes with SIGKILL, as a device that loses power; ``restart-node``
+starts it again with the same node config (it gets a new Flower node id and claims
+its client key back). ``stop`` ends every process the script started (their ids are in
+``<workdir>/federation.json``) and removes the config entry. Everything listens on
+127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -129,6 +132,7 @@ def alive(pid: int, start_time: int | None = None) -> bool:
 def spawn(command: list[str], log_path: Path, env: dict[str, str]) -> dict[str, Any]:
     """Start ``command`` in its own session, output to ``log_path``; return its record."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    offset = log_path.stat().st_size if log_path.is_file() else 0
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             command,
@@ -143,6 +147,7 @@ def spawn(command: list[str], log_path: Path, env: dict[str, str]) -> dict[str, 
         "start_time": _start_time(process.pid),
         "command": command,
         "log": str(log_path),
+        "log_size": offset,
     }
 
 
@@ -346,8 +351,11 @@ def wait_for_superlink(port: int, ca: str | None, timeout: float, record: dict) 
     raise SystemExit(f"The SuperLink did not answer within {timeout:.0f} s; see {record['log']}")
 
 
-def wait_for_node(record: dict, timeout: float) -> str:
+def wait_for_node(record: dict, timeout: float, after: int | None = None) -> str:
     """Wait until a SuperNode is connected ("SuperNode ID" in its log) or has exited.
+
+    ``after``: where in the log this start's output begins (a restarted node appends
+    to its log).
 
     Returns
     -------
@@ -357,7 +365,7 @@ def wait_for_node(record: dict, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     log = Path(record["log"])
     while time.monotonic() < deadline:
-        text = log.read_text(errors="replace") if log.is_file() else ""
+        text = log.read_text(errors="replace")[after or 0 :] if log.is_file() else ""
         if "SuperNode ID:" in text:
             return "connected"
         if not alive(record["pid"], record["start_time"]):
@@ -416,7 +424,7 @@ def start_node(
     record.update(role="supernode", label=label, node_config=config, registered=register)
     state["processes"].append(record)
     save_state(workdir, state)
-    record["status"] = wait_for_node(record, timeout)
+    record["status"] = wait_for_node(record, timeout, after=record["log_size"])
     save_state(workdir, state)
     return record
 
@@ -510,6 +518,53 @@ def cmd_add_node(args: argparse.Namespace) -> int:
     return 0 if record["status"] == "connected" else 1
 
 
+def find_node(state: dict[str, Any], label: str) -> dict[str, Any]:
+    """Return the newest SuperNode record started as ``label`` (raises SystemExit if none)."""
+    records = [p for p in state["processes"] if p.get("label") == label]
+    if not records:
+        labels = sorted({p["label"] for p in state["processes"] if "label" in p})
+        raise SystemExit(f"No SuperNode {label!r} here; known: {', '.join(labels)}")
+    return records[-1]
+
+
+def cmd_kill_node(args: argparse.Namespace) -> int:
+    """SIGKILL a SuperNode and its children at once: no goodbye to the SuperLink."""
+    state = load_state(Path(args.workdir).expanduser().resolve())
+    record = find_node(state, args.label)
+    if not alive(record["pid"], record["start_time"]):
+        print(f"{args.label} is not running")
+        return 1
+    targets = [(c, _start_time(c)) for c in descendants(record["pid"])]
+    targets.insert(0, (record["pid"], record["start_time"]))
+    for pid, started in targets:
+        if alive(pid, started):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    print(f"{args.label}: killed (pid {record['pid']} and {len(targets) - 1} children)")
+    return 0
+
+
+def cmd_restart_node(args: argparse.Namespace) -> int:
+    """Start a stopped SuperNode again with its node config (and its key, with auth)."""
+    workdir = Path(args.workdir).expanduser().resolve()
+    state = load_state(workdir)
+    record = find_node(state, args.label)
+    if alive(record["pid"], record["start_time"]):
+        raise SystemExit(f"{args.label} is still running; kill-node it first")
+    command = list(record["command"])
+    command[command.index("--port") + 1] = str(free_port())
+    restarted = spawn(command, Path(record["log"]), process_env(Path(state["home"])))
+    restarted.update(
+        role="supernode", label=args.label, node_config=record["node_config"], registered=True
+    )
+    state["processes"].append(restarted)
+    save_state(workdir, state)
+    restarted["status"] = wait_for_node(restarted, args.timeout, after=restarted["log_size"])
+    save_state(workdir, state)
+    print(f"{args.label}: {restarted['status']} (log: {restarted['log']})")
+    return 0 if restarted["status"] == "connected" else 1
+
+
 def stop_processes(state: dict[str, Any], grace: float = 10.0) -> list[int]:
     """End every process of ``state`` and their descendants; return the pids signalled.
 
@@ -596,6 +651,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add.add_argument("--unregistered", action="store_true", help="do not register its key")
     add.add_argument("--timeout", type=float, default=90.0)
 
+    kill = sub.add_parser("kill-node", help="SIGKILL a SuperNode (a device losing power)")
+    kill.add_argument("workdir")
+    kill.add_argument("label", help="the SuperNode's label, e.g. node-1")
+    restart = sub.add_parser("restart-node", help="start a killed SuperNode again, same config")
+    restart.add_argument("workdir")
+    restart.add_argument("label")
+    restart.add_argument("--timeout", type=float, default=90.0)
+
     stop = sub.add_parser("stop", help="stop everything this script started there")
     stop.add_argument("workdir")
     status = sub.add_parser("status", help="list the processes started there")
@@ -612,7 +675,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch to the subcommand."""
     args = parse_args(argv)
     commands = {"start": cmd_start, "add-node": cmd_add_node, "stop": cmd_stop}
-    commands["status"] = cmd_status
+    commands |= {"status": cmd_status, "kill-node": cmd_kill_node}
+    commands["restart-node"] = cmd_restart_node
     try:
         return commands[args.command](args)
     except SystemExit as stop:

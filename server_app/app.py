@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from flexmoe_core.checkpoint import (
     CheckpointError,
     ServerCheckpoint,
+    check_model_arrays,
     checkpoint_path,
     config_differences,
     load_checkpoint,
@@ -23,7 +24,8 @@ from flexmoe_core.data import DatasetError, label_counts, plot_label_distributio
 from flexmoe_core.model import build_model, shared_state
 from flexmoe_core.results import RunRecorder, make_run_dir
 
-from .strategy import FlexMoEStrategy, to_array_record
+from .codec import to_array_record
+from .strategy import FlexMoEStrategy
 
 app = ServerApp()
 
@@ -90,18 +92,30 @@ def open_run(cfg: DictConfig) -> tuple[DictConfig, Path, ServerCheckpoint | None
     return named, run_dir, checkpoint
 
 
-def save_label_distribution(cfg: DictConfig, run_dir: Path) -> None:
-    """Plot the clients x classes label counts of the simulated partition.
+# Above this many partitions the clients x classes plot is too tall to read.
+MAX_PLOTTED_CLIENTS = 100
 
-    The server may not see the clients' data (deployed nodes with their own
-    ``data-path``): then the plot is skipped with a warning.
+
+def save_label_distribution(cfg: DictConfig, run_dir: Path, partitions: set[int]) -> None:
+    """Plot the clients x classes label counts of the partition the clients declared.
+
+    ``partitions`` holds the ``num-partitions`` the nodes reported (simulation, trial
+    nodes). Nodes with their own ``data-path`` report none, and the server does not
+    see their data: then there is no plot.
     """
+    if len(partitions) != 1:
+        log(INFO, "No label-distribution plot: the clients hold their own data")
+        return
+    (count,) = partitions
+    if count > MAX_PLOTTED_CLIENTS:
+        log(INFO, "No label-distribution plot for %d clients (over %d)", count, MAX_PLOTTED_CLIENTS)
+        return
     try:
-        counts = label_counts(cfg.dataset, cfg.partition, int(cfg.num_clients), int(cfg.seed))
+        counts = label_counts(cfg.dataset, cfg.partition, count, int(cfg.seed))
     except (DatasetError, OSError) as err:
         log(WARNING, "No label-distribution plot: %s", err)
         return
-    title = f"{cfg.dataset.name}, {cfg.partition.type} partition, {cfg.num_clients} clients"
+    title = f"{cfg.dataset.name}, {cfg.partition.type} partition, {count} clients"
     plot_label_distribution(counts, run_dir / "label_distribution.png", title)
 
 
@@ -111,11 +125,12 @@ def run(grid: Grid, cfg: DictConfig) -> Path:
     log(INFO, "FLEX-MoE results will be written to %s", run_dir)
     if checkpoint is not None:
         log(INFO, "Resuming from %s (after round %d)", checkpoint_path(run_dir), checkpoint.round)
+    torch.manual_seed(int(cfg.seed))
+    model = build_model(cfg.model, cfg.dataset.input_shape, int(cfg.dataset.num_classes))
+    if checkpoint is not None:
+        check_model_arrays(checkpoint, shared_state(model), str(checkpoint_path(run_dir)))
     recorder = RunRecorder(run_dir, cfg)
-    save_label_distribution(cfg, run_dir)
     try:
-        torch.manual_seed(int(cfg.seed))
-        model = build_model(cfg.model, cfg.dataset.input_shape, int(cfg.dataset.num_classes))
         strategy = FlexMoEStrategy(
             cfg,
             recorder,
@@ -131,6 +146,7 @@ def run(grid: Grid, cfg: DictConfig) -> Path:
         summary = strategy.final_summary()
         recorder.save_model(strategy.global_arrays)
         recorder.save_summary(summary)
+        save_label_distribution(cfg, run_dir, strategy.roster.num_partitions())
         log(
             INFO,
             "Done: final local acc %s, mean per-round expert-load CV %.4f, cumulative CV "

@@ -78,11 +78,13 @@ def assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> No
 
 
 def fitness_by_key(strategy: FlexMoEStrategy) -> dict[int, list[float]]:
-    """Return the fitness table keyed by client key (comparable across federations)."""
-    table = strategy.fitness.state()
+    """Return the fitness table by client key (the server keys it so: comparable across
+    federations)."""
+    assert strategy.state is not None
+    table = strategy.state.fitness.state()
     return {
-        strategy.client_keys[node]: list(row)
-        for node, row in zip(table["client_ids"], table["values"], strict=True)  # type: ignore[call-overload]
+        int(key): list(row)
+        for key, row in zip(table["client_ids"], table["values"], strict=True)  # type: ignore[call-overload]
     }
 
 

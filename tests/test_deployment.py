@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from run_helpers import fast_config, make_grid, node_configs, run_strategy
+from run_helpers import FAST, fast_config, make_grid, node_configs, run_strategy
 
+from flexmoe_core.checkpoint import checkpoint_path, load_checkpoint
 from flexmoe_core.data.errors import DatasetError
 from flexmoe_core.data.local_node import load_node_data
 from flexmoe_core.node import NodeSettings
@@ -59,15 +61,18 @@ def test_nodes_with_bad_settings_are_left_out_and_the_run_goes_on(caplog, tmp_pa
     ]
     caplog.set_level("WARNING")
     strategy = run_strategy(fast_config(num_clients=5, num_rounds=1), make_grid(5, configs=configs))
-    assert strategy.capacities == {1000: 2, 1002: 3}
+    assert strategy.roster.capacities() == {0: 2, 2: 3}
     assert sorted(strategy.history[0]["assignment"]) == ["0", "2"]
     warnings = [r.getMessage() for r in caplog.records if "left out of this run" in r.getMessage()]
-    assert len(warnings) == 3
+    assert len(warnings) == 2
     assert any("Node 1001" in w and "capacity=K" in w and "partition-id=1" in w for w in warnings)
-    assert any(
-        "Node 1003" in w and "client key 2 is already used by node 1002" in w for w in warnings
-    )
     assert any("Node 1004" in w and "data-path" in w and "missing" in w for w in warnings)
+    # The second claimant of a key is refused while the key's holder is connected,
+    # with a message naming both.
+    assert (
+        "Node 1003 refused for now: client key 2 is bound to node 1002, which is still "
+        "connected; node 1003 claims it too" in caplog.text
+    )
 
 
 # ----------------------------------------------------------- node's own data
@@ -190,44 +195,6 @@ def _logs(workdir: Path) -> str:
 
 
 @pytest.mark.e2e
-def test_supernodes_get_exactly_their_capacity(federation: dict[str, Any]) -> None:
-    env, workdir, tmp = federation["env"], federation["workdir"], federation["tmp"]
-    started = script(env, "start", str(workdir), "--nodes", "3", "--capacities", "1,2,4")
-    assert started.returncode == 0, started.stdout + started.stderr + _logs(workdir)
-    assert "flwr run . flexmoe-local --stream" in started.stdout
-    config_toml = (tmp / "flwr-cli" / "config.toml").read_text()
-    assert "[superlink.flexmoe-local]" in config_toml and "insecure = true" in config_toml
-
-    overrides = (
-        f"num_clients=3 num_rounds=2 output_root={tmp / 'out'} run_name=deployed "
-        "train.local_epochs=1 evaluate.every=2 evaluate.global_every=0 "
-        "model.width=8 model.feature_dim=16"
-    )
-    command = [str(BIN / "flwr"), "run", ".", "flexmoe-local", "--stream"]
-    flwr = subprocess.run(
-        [*command, "--run-config", f'overrides="{overrides}"'],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
-    run_dir = tmp / "out" / "deployed"
-    assert (run_dir / "summary.json").is_file(), flwr.stdout + flwr.stderr + _logs(workdir)
-    records = read_metrics(run_dir)
-    assert [r["round"] for r in records] == [1, 2]
-    for record in records:
-        # Client keys are the partition ids; the script gave them capacities 1, 2, 4.
-        assert {k: len(v) for k, v in record["assignment"].items()} == {"0": 1, "1": 2, "2": 4}
-        assert record["accepted"] == 3 and record["failures"] == {}
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["capacities"] == {"0": 1, "1": 2, "2": 4}
-    assert summary["final_local_acc"] is not None
-    for name in ("final_model.npz", "checkpoint.npz", "config.yaml"):
-        assert (run_dir / name).is_file()
-
-
-@pytest.mark.e2e
 def test_tls_federation_refuses_an_unregistered_supernode(federation: dict[str, Any]) -> None:
     env, workdir, tmp = federation["env"], federation["workdir"], federation["tmp"]
     started = script(env, "start", str(workdir), "--nodes", "1", "--auth", "--name", "secure")
@@ -253,3 +220,87 @@ def test_tls_federation_refuses_an_unregistered_supernode(federation: dict[str, 
     )
     nodes = json.loads(listed.stdout)["nodes"]
     assert [n["status"] for n in nodes] == ["online"]  # only the registered one, over TLS
+
+
+@pytest.mark.e2e
+def test_supernodes_get_their_capacity_and_a_killed_one_comes_back(
+    federation: dict[str, Any],
+) -> None:
+    env, workdir, tmp = federation["env"], federation["workdir"], federation["tmp"]
+    started = script(
+        env,
+        "start",
+        str(workdir),
+        "--nodes",
+        "3",
+        "--capacities",
+        "1,2,4",
+        "--state-dir",
+        str(tmp / "node-state"),
+    )
+    assert started.returncode == 0, started.stdout + started.stderr + _logs(workdir)
+    assert "flwr run . flexmoe-local --stream" in started.stdout
+    config_toml = (tmp / "flwr-cli" / "config.toml").read_text()
+    assert "[superlink.flexmoe-local]" in config_toml and "insecure = true" in config_toml
+
+    run_dir = tmp / "out" / "deployed"
+    # The round after the kill waits for the dead node until the SuperLink reports it
+    # unavailable (30-60 s after its last heartbeat) or timeouts.round_s passes.
+    fast = FAST.replace("timeouts.wait_for_clients_s=0", "timeouts.wait_for_clients_s=60")
+    overrides = f"{fast} num_clients=3 num_rounds=4 output_root={tmp / 'out'} run_name=deployed "
+    overrides += "timeouts.round_s=60"
+    command = [str(BIN / "flwr"), "run", ".", "flexmoe-local", "--stream"]
+    log_path = tmp / "flwr-run.log"
+    with open(log_path, "w") as log:
+        flwr = subprocess.Popen(
+            [*command, "--run-config", f'overrides="{overrides}"'],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and flwr.poll() is None:
+                path = checkpoint_path(run_dir)
+                if path.is_file() and load_checkpoint(path).round >= 1:
+                    break  # round 2 has begun
+                time.sleep(0.5)
+            # kill -9 node-1 (client 1) and its ClientApp, then start it again with
+            # the same node config: a new Flower node id.
+            killed = script(env, "kill-node", str(workdir), "node-1")
+            assert killed.returncode == 0, killed.stdout + killed.stderr
+            restarted = script(env, "restart-node", str(workdir), "node-1")
+            assert restarted.returncode == 0, restarted.stdout + restarted.stderr + _logs(workdir)
+            flwr.wait(timeout=300)
+        finally:
+            if flwr.poll() is None:
+                flwr.kill()
+    output = log_path.read_text(errors="replace")
+    assert (run_dir / "summary.json").is_file(), output[-4000:] + _logs(workdir)
+    records = read_metrics(run_dir)
+    assert [r["round"] for r in records] == [1, 2, 3, 4]
+    for record in records:
+        # Client keys are the partition ids; the script gave them capacities 1, 2, 4.
+        sizes = {k: len(v) for k, v in record["assignment"].items()}
+        assert sizes == {k: v for k, v in {"0": 1, "1": 2, "2": 4}.items() if k in sizes}
+    # The failure is that of the node that was sent the message: client 1.
+    failed = [r["round"] for r in records if r["failures"]]
+    assert failed and all(set(r["failures"]) <= {"1"} for r in records), records
+    first = failed[0]
+    reason = records[first - 1]["failures"]["1"]
+    assert "node unavailable" in reason or "no reply" in reason, reason
+    # The restarted SuperNode claimed client 1 back and trains again within two rounds.
+    back = [
+        r["round"]
+        for r in records
+        if r["round"] > first and "1" in r["assignment"] and "1" not in r["failures"]
+    ]
+    assert back and back[0] <= first + 2, records
+    assert "Client 1 rejoined on node" in output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["capacities"] == {"0": 1, "1": 2, "2": 4}
+    assert summary["final_local_acc"] is not None
+    for name in ("final_model.npz", "checkpoint.npz", "config.yaml"):
+        assert (run_dir / name).is_file()

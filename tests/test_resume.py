@@ -33,6 +33,7 @@ from flexmoe_core.checkpoint import (
     save_checkpoint,
     save_gate,
 )
+from flexmoe_core.config import to_container
 from flexmoe_core.results import METRICS_FILE, MODEL_FILE, SUMMARY_FILE, RunRecorder, read_metrics
 from server_app.app import run
 
@@ -99,25 +100,34 @@ def uninterrupted(tmp_path_factory) -> dict[str, Any]:
 
 # --------------------------------------------------------------- equality
 @pytest.mark.parametrize(
-    ("message_type", "server_round", "nth"),
+    ("message_type", "server_round", "nth", "saved_round", "lines"),
     [
-        (MessageType.TRAIN, 2, 3),  # two clients trained round 2 already: their gates ran ahead
-        (MessageType.EVALUATE, 3, 1),  # round 3 trained, killed while evaluating
-        (MessageType.TRAIN, 1, 2),  # before the first checkpoint
+        # Two clients trained round 2 already (their gates ran ahead). Round 1's line
+        # waits for its evaluation, which comes with round 2: no line yet.
+        (MessageType.TRAIN, 2, 3, 1, 0),
+        # All rounds trained, killed in the evaluation after the last round.
+        (MessageType.EVALUATE, 3, 1, 3, 2),
+        (MessageType.TRAIN, 1, 2, None, 0),  # before the first checkpoint
     ],
 )
 def test_killed_and_resumed_in_the_same_federation_matches(
-    tmp_path: Path, uninterrupted: dict[str, Any], message_type: str, server_round: int, nth: int
+    tmp_path: Path,
+    uninterrupted: dict[str, Any],
+    message_type: str,
+    server_round: int,
+    nth: int,
+    saved_round: int | None,
+    lines: int,
 ) -> None:
     grid = make_grid(CLIENTS, fail=kill_at(message_type, server_round, nth))
     with pytest.raises(Killed):
         run(grid, config(tmp_path))
     run_dir = tmp_path / "run"
-    if server_round > 1:
-        assert load_checkpoint(checkpoint_path(run_dir)).round == server_round - 1
-        assert len(read_metrics(run_dir)) == server_round - 1
-    else:
+    if saved_round is None:
         assert not checkpoint_path(run_dir).exists()
+    else:
+        assert load_checkpoint(checkpoint_path(run_dir)).round == saved_round
+    assert len(read_metrics(run_dir) if (run_dir / METRICS_FILE).exists() else []) == lines
     grid.fail = None  # the same nodes, contexts kept: gates in context.state
     resumed = run(grid, config(tmp_path, "checkpoint.resume=true"))
     assert resumed == run_dir
@@ -151,9 +161,16 @@ def test_resumed_in_a_new_federation_without_gates_restarts_them(
     run_dir = tmp_path / "run"
     run(make_grid(CLIENTS), config(tmp_path, f"checkpoint.resume={run_dir}"))
     state = final_state(run_dir)
-    # The server state carried over (rounds 1-2 identical), but round 3 started from
-    # re-initialised gates, as documented: the run completes, with other numbers.
-    assert state["history"][:2] == uninterrupted["history"][:2]
+    # The server state carried over (rounds 1-2 trained identically), but round 3
+    # started from re-initialised gates, as documented: the run completes, with other
+    # numbers, among them round 2's evaluation, which is made at the start of round 3.
+    assert state["history"][:1] == uninterrupted["history"][:1]
+
+    def training(record: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in record.items() if not k.startswith(("local_", "global_"))}
+
+    assert training(state["history"][1]) == training(uninterrupted["history"][1])
+    assert state["history"][1]["local_loss"] != uninterrupted["history"][1]["local_loss"]
     assert [r["round"] for r in state["history"]] == [1, 2, 3]
     assert any(
         not np.array_equal(state["model"][k], uninterrupted["model"][k]) for k in state["model"]
@@ -175,7 +192,9 @@ def test_kill_between_checkpoint_and_metrics_line(
     with pytest.raises(Killed):
         run(grid, config(tmp_path))
     run_dir = tmp_path / "run"
-    assert load_checkpoint(checkpoint_path(run_dir)).round == 2
+    # Round 2's line is written after round 3 (its evaluation comes with round 3).
+    checkpoint = load_checkpoint(checkpoint_path(run_dir))
+    assert checkpoint.round == 3 and checkpoint.pending is not None
     assert len(read_metrics(run_dir)) == 1
     monkeypatch.setattr(RunRecorder, "log_round", original)
     run(grid, config(tmp_path, "checkpoint.resume=true"))
@@ -206,6 +225,46 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
         run(make_grid(CLIENTS), config(tmp_path, "checkpoint.resume=true seed=1 train.lr=0.1"))
     message = str(info.value)
     assert "seed: 0 -> 1" in message and "train.lr: 0.05 -> 0.1" in message
+
+
+def test_checkpoints_of_an_earlier_format_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "checkpoint.npz"
+    save_checkpoint(path, _checkpoint())
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    meta["format_version"] = 1
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+    with pytest.raises(CheckpointError) as info:
+        run(make_grid(CLIENTS), config(tmp_path, f"checkpoint.resume={path.parent}"))
+    message = str(info.value)
+    assert "checkpoint of format 1" in message and "earlier version" in message
+    assert "Start a new run" in message and "release that wrote it" in message
+
+
+def test_checkpoints_of_another_model_form_are_refused(tmp_path: Path) -> None:
+    # A checkpoint whose arrays are not those of the model the configuration builds
+    # (here: one made for other shapes) is refused before any node is asked.
+    path = tmp_path / "run" / "checkpoint.npz"
+    cfg = config(tmp_path)
+    from run_helpers import initial_arrays
+
+    arrays = initial_arrays(cfg)
+    name = sorted(arrays)[0]
+    arrays[name] = np.zeros((*arrays[name].shape, 2), dtype=arrays[name].dtype)
+    arrays["experts.0.old_head.weight"] = np.zeros(3, dtype=np.float32)
+    state = _checkpoint()
+    state.global_arrays, state.config = arrays, dict(to_container(cfg))
+    save_checkpoint(path, state)
+    grid = make_grid(CLIENTS)
+    with pytest.raises(CheckpointError) as info:
+        run(grid, config(tmp_path, f"checkpoint.resume={path.parent}"))
+    message = str(info.value)
+    assert "does not match the one this configuration builds" in message
+    assert f"{name} is float32" in message and "unexpected experts.0.old_head.weight" in message
+    assert "earlier model form" in message and "Start a new run" in message
+    assert grid.sent == []
 
 
 def test_resume_needs_a_run_to_resume(tmp_path: Path) -> None:

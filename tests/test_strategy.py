@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,55 @@ def test_each_node_gets_backbone_and_exactly_its_experts(tiny_overrides: str) ->
         - min(strategy.history[-1]["cum_load_clients"])
         <= 1
     )
+
+
+def test_one_model_message_per_participant_per_round(tiny_overrides: str) -> None:
+    cfg = load_config(tiny_overrides + " evaluate.global_every=2")
+    grid = InProcessGrid(client_app, nodes(4))
+    strategy = run(cfg, grid)
+    with_model = [m for m in grid.sent if protocol.ARRAYS in m.content]
+    per_round = Counter(
+        (
+            int(m.content[protocol.CONFIG][protocol.ROUND]),
+            m.metadata.message_type,
+            m.metadata.dst_node_id,
+        )
+        for m in with_model
+    )
+    # Every participant gets one message with the model per round; the only other
+    # download is the evaluation of the final model after the last round.
+    assert set(per_round.values()) == {1}
+    assert sorted((r, t) for r, t, _ in per_round) == sorted(
+        [(r, "train") for r in (1, 2, 3) for _ in range(4)] + [(3, "evaluate")] * 4
+    )
+    # The train message of round t asks for the evaluation of round t-1's model (the
+    # global test on its schedule: every 2 rounds); each round's record has it.
+    for message in with_model:
+        config = message.content[protocol.CONFIG]
+        if message.metadata.message_type == "train":
+            assert config[protocol.EVALUATE] == (config[protocol.ROUND] > 1)
+            assert config[protocol.GLOBAL_TEST] == (config[protocol.ROUND] == 3)
+    assert [("local_acc" in r, "global_acc" in r) for r in strategy.history] == [
+        (True, False),
+        (True, True),
+        (True, True),
+    ]
+    # Bytes are those of the serialised arrays, per client and direction: a client
+    # uploads what it downloads (backbone + its experts), and gets the final model too.
+    for record in strategy.history:
+        expected_down = {
+            str(m.metadata.dst_node_id - 1000): sum(
+                len(a.data) for a in m.content[protocol.ARRAYS].values()
+            )
+            for m in with_model
+            if int(m.content[protocol.CONFIG][protocol.ROUND]) == record["round"]
+            and m.metadata.message_type == "train"
+        }
+        up = record["bytes_received_per_client"]
+        assert up == expected_down
+        down = record["bytes_sent_per_client"]
+        assert down == (expected_down if record["round"] < 3 else {k: 2 * v for k, v in up.items()})
+        assert record["bytes_sent"] == sum(down.values())
 
 
 def test_gate_stays_home_and_keeps_learning(tiny_overrides: str) -> None:
@@ -121,7 +171,7 @@ def test_unheld_experts_keep_their_value(tiny_overrides: str) -> None:
     initial = shared_state(model)
     strategy = FlexMoEStrategy(cfg)
     strategy.start(InProcessGrid(client_app, nodes(4)), to_array_record(initial), num_rounds=1)
-    held = {e for experts in strategy.round.assignment.values() for e in experts}
+    held = {e for experts in strategy.history[0]["assignment"].values() for e in experts}
     assert len(held) == 4
     for name, value in strategy.global_arrays.items():
         if name.startswith("experts."):
@@ -134,7 +184,7 @@ def test_greedy_through_the_same_override(tiny_overrides: str) -> None:
         tiny_overrides + " strategy=greedy capacity.profile=constant capacity.value=2"
     )
     strategy = run(cfg, InProcessGrid(client_app, nodes(4)))
-    assert strategy.allocator.name == "greedy"
+    assert strategy.state.allocator.name == "greedy"
     # q0 = 1 is optimistic: greedy tries untried experts, and its loads are unbalanced
     assert any(r["load_clients_cv"] > 0 for r in strategy.history)
 
@@ -149,14 +199,22 @@ def test_capacity_from_node_config_and_invalid_nodes_left_out(
     grid = InProcessGrid(client_app, configs)
     with caplog.at_level(logging.WARNING, logger="flwr"):
         strategy = run(cfg, grid)
-    assert strategy.capacities == {1000: 3, 1001: 2}
+    assert strategy.roster.capacities() == {0: 3, 1: 2}
     assert "Node 1002 left out" in caplog.text and "[1, 8]" in caplog.text
 
 
-def test_missing_nodes_time_out_with_advice(tiny_overrides: str) -> None:
-    cfg = load_config(tiny_overrides + " num_clients=6 timeouts.wait_for_clients_s=0")
-    with pytest.raises(RuntimeError, match="num-supernodes=6"):
-        run(cfg, InProcessGrid(client_app, nodes(4)))
+def test_the_federation_sets_the_number_of_clients(
+    tiny_overrides: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Flower gives each simulated SuperNode num-partitions = num-supernodes: a run
+    # trains the federation's clients, and says so when num_clients disagrees.
+    cfg = load_config(tiny_overrides + " num_clients=6 num_rounds=1 timeouts.wait_for_clients_s=0")
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        strategy = run(cfg, InProcessGrid(client_app, nodes(4)))
+    assert sorted(strategy.history[0]["assignment"]) == ["0", "1", "2", "3"]
+    assert "num_clients=6, but the SuperNodes declare num-partitions=4" in caplog.text
+    assert "num-supernodes=6" in caplog.text
+    assert strategy.final_summary()["clients"] == 4
 
 
 def test_a_crashed_client_does_not_stop_the_round(tiny_overrides: str) -> None:
@@ -189,3 +247,27 @@ def test_wandb_offline_logging(tmp_path: Path, tiny_overrides: str) -> None:
     server_main(grid, context)
     runs = list((tmp_path / "w" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_reply_arrays_are_read_exactly_as_flower_writes_them() -> None:
+    from flwr.app import Array
+
+    from server_app.codec import to_numpy
+
+    arrays = [
+        np.array(7, dtype=np.int64),
+        np.random.default_rng(0).random((3, 4)).astype(np.float32),
+        np.asfortranarray(np.random.default_rng(1).random((3, 4))),
+        np.zeros((0, 3), dtype=np.float32),
+        np.arange(6, dtype=">i4").reshape(2, 3),
+    ]
+    for value in arrays:
+        array = Array(value)
+        got = to_numpy(array)
+        assert got.dtype == value.dtype and got.shape == value.shape
+        np.testing.assert_array_equal(got, array.numpy())
+        assert got.flags.writeable
+    short = Array(np.zeros(4, dtype=np.float32))
+    short.data = short.data[:-4]
+    with pytest.raises(ValueError, match="its dtype and shape need 16"):
+        to_numpy(short)

@@ -1,0 +1,444 @@
+"""The server's side of a FLEX-MoE run, without Flower: plan a round, close it, remember.
+
+:class:`RoundState` holds what the server knows between rounds (the global backbone
+and experts, the fitness table, the load deficit, the cumulative loads and the
+per-round records) and speaks client keys only; turning them into messages is the
+adapter's job (``server_app/strategy.py``).
+
+Round t:
+
+1. :meth:`RoundState.plan` samples the participants among the available keys (seeded
+   by the seed and t), allocates experts over their fitness rows and capacities, and
+   gives each participant its payload: the backbone and its experts. If round t-1's
+   record waits for its evaluation, the plan asks every participant to first evaluate
+   what it receives (the aggregated model of round t-1 with its own gate), so each
+   participant downloads the model once per round.
+2. :meth:`RoundState.close` checks each reply, aggregates the accepted updates in
+   client-key order (float sums depend on order: a run repeats bit for bit), updates
+   the fitness table, completes round t-1's record with the evaluations and makes the
+   record of round t. A record is *finished* (ready for ``metrics.jsonl``) once its
+   evaluation is in; the last round's comes from :meth:`final_evaluation`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from .aggregation import ClientUpdate, aggregate, check_update
+from .allocation import Allocation, make_allocator, update_deficit
+from .checkpoint import ServerCheckpoint
+from .config import to_container
+from .fitness import FitnessTable
+from .metrics import LoadTracker, summarise_evaluations
+from .model import split_expert_key
+
+# Round-record keys that measure time: they differ between two runs of the same
+# computation, so equality checks (e.g. of a resumed run) leave them out.
+TIMING_KEYS = ("allocation_time_s", "server_time_s", "round_time_s")
+
+NO_REPLY = "no reply within the round timeout"
+
+
+def evaluates_in(server_round: int, every: int, num_rounds: int) -> bool:
+    """Whether a schedule of ``every`` rounds covers ``server_round`` (the last always)."""
+    return every > 0 and (server_round % every == 0 or server_round == num_rounds)
+
+
+@dataclass
+class RoundPlan:
+    """What the server sends in one round (or in the evaluation after the last one).
+
+    Attributes
+    ----------
+    round : int
+        The round the messages belong to.
+    experts : dict of int to list of int
+        Each participant's experts, by client key, in key order.
+    arrays : dict of int to dict
+        Each participant's payload: the backbone and its experts (views of the
+        global arrays; not to be modified).
+    seed : int
+        The round's training seed (each client adds its own offset).
+    evaluates : int or None
+        The round whose aggregated model the participants evaluate (before training,
+        or alone after the last round); None: no evaluation.
+    global_test : bool
+        Whether that evaluation includes the dataset's global test split.
+    allocation : Allocation or None
+        The round's allocation; None for the evaluation after the last round.
+    available : int
+        How many clients could be sampled.
+    server_time_s : float
+        Time spent planning.
+    """
+
+    round: int
+    experts: dict[int, list[int]]
+    arrays: dict[int, dict[str, np.ndarray]]
+    seed: int
+    evaluates: int | None
+    global_test: bool
+    allocation: Allocation | None
+    available: int
+    server_time_s: float = 0.0
+
+    @property
+    def trains(self) -> bool:
+        """Whether the participants train (False: evaluation only)."""
+        return self.allocation is not None
+
+
+@dataclass
+class ClientReply:
+    """One client's answer, decoded by the adapter.
+
+    ``evaluation`` maps a split (``local``, ``global``) to (examples, loss, accuracy)
+    of the model the client received, measured before it trained.
+    """
+
+    key: int
+    update: ClientUpdate | None = None
+    train_loss: float = math.nan
+    train_acc: float = math.nan
+    evaluation: dict[str, tuple[int, float, float]] | None = None
+
+
+@dataclass
+class RoundResults:
+    """What came back in one round, by client key."""
+
+    replies: list[ClientReply] = field(default_factory=list)
+    failures: dict[int, str] = field(default_factory=dict)
+    bytes_sent: dict[int, int] = field(default_factory=dict)
+    bytes_received: dict[int, int] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    server_time_s: float = 0.0  # the adapter's own share (encoding, decoding)
+
+
+@dataclass
+class RoundOutcome:
+    """The closed round: who was accepted, who failed and why, finished records."""
+
+    accepted: list[int]
+    failures: dict[int, str]
+    finished: list[dict[str, Any]]
+
+
+class RoundState:
+    """Everything the server knows between rounds, and the rules of a round.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The resolved run configuration.
+    initial_arrays : dict of str to ndarray
+        The global backbone and all experts of round 0.
+    """
+
+    def __init__(self, cfg: DictConfig, initial_arrays: Mapping[str, np.ndarray]) -> None:
+        self.cfg = cfg
+        self.num_experts = int(cfg.model.num_experts)
+        self.allocator = make_allocator(cfg.strategy)
+        self.fitness = FitnessTable(
+            self.num_experts,
+            q0=cfg.fitness.q0,
+            beta=cfg.fitness.beta,
+            signal=cfg.fitness.signal,
+            alpha=cfg.fitness.alpha,
+        )
+        self.global_arrays = dict(initial_arrays)
+        self.deficit = np.zeros(self.num_experts)
+        self.loads = LoadTracker(self.num_experts)
+        self.history: list[dict[str, Any]] = []  # finished records
+        self.pending: dict[str, Any] | None = None  # the last record, awaiting evaluation
+        self.completed_round = 0
+
+    # --------------------------------------------------------------- planning
+    def sample(self, server_round: int, available: Iterable[int]) -> list[int]:
+        """Return the round's participants: ``fraction_train`` of the available keys."""
+        keys = sorted(available)
+        size = max(int(self.cfg.min_clients_per_round), round(self.cfg.fraction_train * len(keys)))
+        size = min(size, len(keys))
+        picked = self._rng(server_round).choice(len(keys), size=size, replace=False)
+        return [keys[i] for i in sorted(picked)]
+
+    def _rng(self, server_round: int) -> np.random.Generator:
+        return np.random.default_rng([int(self.cfg.seed), server_round])
+
+    def payload(self, experts: Iterable[int]) -> dict[str, np.ndarray]:
+        """Return the backbone and the given experts of the global arrays."""
+        held = set(experts)
+        return {
+            name: value
+            for name, value in self.global_arrays.items()
+            if (key := split_expert_key(name)) is None or key[0] in held
+        }
+
+    def plan(self, server_round: int, capacities: Mapping[int, int]) -> RoundPlan:
+        """Sample among ``capacities``' keys (the available clients) and allocate experts."""
+        start = time.perf_counter()
+        participants = self.sample(server_round, capacities)
+        allocation = self.allocator(
+            self.fitness.rows(participants),
+            np.array([capacities[k] for k in participants]),
+            self.deficit,
+            self._rng(server_round),
+        )
+        experts = {
+            key: np.flatnonzero(row).tolist()
+            for key, row in zip(participants, allocation.assignment, strict=True)
+        }
+        evaluates = None if self.pending is None else int(self.pending["round"])
+        return RoundPlan(
+            round=server_round,
+            experts=experts,
+            arrays={key: self.payload(e) for key, e in experts.items()},
+            seed=int(self.cfg.seed) * 100_003 + server_round,
+            evaluates=evaluates,
+            global_test=evaluates is not None and self._global_test(evaluates),
+            allocation=allocation,
+            available=len(capacities),
+            server_time_s=time.perf_counter() - start,
+        )
+
+    def _global_test(self, server_round: int) -> bool:
+        every = int(self.cfg.evaluate.global_every)
+        return evaluates_in(server_round, every, int(self.cfg.num_rounds))
+
+    def final_evaluation(self) -> RoundPlan | None:
+        """Return the evaluation of the last round's model, if its record waits for one.
+
+        It goes to the clients accepted in that round, with the experts they held.
+        """
+        if self.pending is None:
+            return None
+        record = self.pending
+        experts = {
+            int(k): list(v) for k, v in record["assignment"].items() if k not in record["failures"]
+        }
+        experts = dict(sorted(experts.items()))
+        return RoundPlan(
+            round=int(record["round"]),
+            experts=experts,
+            arrays={key: self.payload(e) for key, e in experts.items()},
+            seed=int(self.cfg.seed) * 100_003 + int(record["round"]),
+            evaluates=int(record["round"]),
+            global_test=self._global_test(int(record["round"])),
+            allocation=None,
+            available=len(experts),
+        )
+
+    # ---------------------------------------------------------------- closing
+    def close(self, plan: RoundPlan, results: RoundResults) -> RoundOutcome:
+        """Aggregate the round, update fitness and loads, and make its record.
+
+        A participant that failed, did not reply or sent an update that
+        :func:`~flexmoe_core.aggregation.check_update` rejects is left out: its experts
+        keep their values unless another holder returned them, its fitness row is
+        untouched, and its evaluation is not counted.
+        """
+        if not plan.trains:
+            return RoundOutcome([], dict(results.failures), self._close_evaluation(results))
+        start = time.perf_counter()
+        failures = {k: why for k, why in results.failures.items() if k in plan.experts}
+        accepted: list[ClientReply] = []
+        for reply in sorted(results.replies, key=lambda r: r.key):
+            if reply.key not in plan.experts or reply.key in failures or reply.update is None:
+                continue
+            if problems := check_update(reply.update, self.global_arrays, plan.experts[reply.key]):
+                failures[reply.key] = "rejected: " + "; ".join(problems)
+                continue
+            accepted.append(reply)
+        done = set(failures) | {r.key for r in accepted}
+        failures.update({k: NO_REPLY for k in plan.experts if k not in done})
+        updates = [r.update for r in accepted if r.update is not None]
+        self.global_arrays = aggregate(
+            self.global_arrays, updates, self.cfg.aggregation.expert_weighting
+        )
+        routed = np.zeros(self.num_experts)
+        for update in updates:
+            self.fitness.update(update.client_id, update.feedback)
+            for expert, fb in update.feedback.items():
+                routed[expert] += fb.usage
+        assert plan.allocation is not None
+        self.deficit = update_deficit(self.deficit, plan.allocation.assignment)
+        finished = []
+        if self.pending is not None:
+            evaluations = [r.evaluation for r in accepted if r.evaluation]
+            finished.append(self._complete(self.pending, evaluations))
+            self.pending = None
+        record = self._record(plan, results, failures, updates, accepted, routed)
+        record["server_time_s"] += time.perf_counter() - start
+        every = int(self.cfg.evaluate.every)
+        if evaluates_in(plan.round, every, int(self.cfg.num_rounds)):
+            self.pending = record
+        else:
+            finished.append(record)
+        self.history.extend(finished)
+        self.completed_round = plan.round
+        return RoundOutcome([r.key for r in accepted], dict(sorted(failures.items())), finished)
+
+    def _close_evaluation(self, results: RoundResults) -> list[dict[str, Any]]:
+        if self.pending is None:
+            return []
+        record = self.pending
+        for name, per_client in (
+            ("bytes_sent", results.bytes_sent),
+            ("bytes_received", results.bytes_received),
+        ):
+            table = record[f"{name}_per_client"]
+            for key, count in per_client.items():
+                table[str(key)] = table.get(str(key), 0) + count
+            record[name] = sum(table.values())
+        evaluations = [
+            r.evaluation
+            for r in sorted(results.replies, key=lambda r: r.key)
+            if r.evaluation and r.key not in results.failures
+        ]
+        self.pending = None
+        finished = [self._complete(record, evaluations)]
+        self.history.extend(finished)
+        return finished
+
+    @staticmethod
+    def _complete(
+        record: dict[str, Any], evaluations: list[dict[str, tuple[int, float, float]]]
+    ) -> dict[str, Any]:
+        record.update(summarise_evaluations(evaluations))
+        record["evaluated_clients"] = len(evaluations)
+        return record
+
+    def _record(
+        self,
+        plan: RoundPlan,
+        results: RoundResults,
+        failures: Mapping[int, str],
+        updates: list[ClientUpdate],
+        accepted: list[ClientReply],
+        routed: np.ndarray,
+    ) -> dict[str, Any]:
+        allocation = plan.allocation
+        assert allocation is not None
+        record: dict[str, Any] = {
+            "round": plan.round,
+            "strategy": self.allocator.name,
+            "clients_available": plan.available,
+            "participants": len(plan.experts),
+            "accepted": len(updates),
+            "failures": {str(k): why for k, why in sorted(failures.items())},
+        }
+        if updates:
+            weights = np.array([u.num_examples for u in updates], dtype=float)
+            record["train_loss"] = float(
+                np.average([r.train_loss for r in accepted], weights=weights)
+            )
+            record["train_acc"] = float(
+                np.average([r.train_acc for r in accepted], weights=weights)
+            )
+            record["train_examples"] = int(weights.sum())
+        record.update(self.loads.record(allocation.assignment.sum(axis=0), routed))
+        record.update(
+            {
+                "assignment": {str(k): e for k, e in plan.experts.items()},
+                "allocation_objective": allocation.objective,
+                "allocation_method": allocation.method,
+                "allocation_time_s": allocation.solve_time_s,
+                "deficit": self.deficit.tolist(),
+                "bytes_sent": sum(results.bytes_sent.values()),
+                "bytes_received": sum(results.bytes_received.values()),
+                "bytes_sent_per_client": {str(k): b for k, b in sorted(results.bytes_sent.items())},
+                "bytes_received_per_client": {
+                    str(k): b for k, b in sorted(results.bytes_received.items())
+                },
+                "server_time_s": plan.server_time_s + results.server_time_s,
+                "round_time_s": results.wall_time_s,
+            }
+        )
+        return record
+
+    # ------------------------------------------------------------- checkpoint
+    def checkpoint(self, capacities: Mapping[int, int]) -> ServerCheckpoint:
+        """Return the state after the last closed round (``capacities``: the roster's)."""
+        table = self.fitness.state()
+        ids, values = table["client_ids"], table["values"]
+        return ServerCheckpoint(
+            round=self.completed_round,
+            global_arrays=dict(self.global_arrays),
+            fitness={int(k): np.asarray(v, dtype=float) for k, v in zip(ids, values, strict=True)},  # type: ignore[call-overload]
+            deficit=self.deficit.copy(),
+            loads=self.loads.state(),
+            history=list(self.history),
+            pending=None if self.pending is None else dict(self.pending),
+            capacities=dict(capacities),
+            config=to_container(self.cfg),
+        )
+
+    def restore(self, checkpoint: ServerCheckpoint) -> None:
+        """Take over an interrupted run's state (fitness rows stay keyed by client key)."""
+        self.global_arrays = {k: v.copy() for k, v in checkpoint.global_arrays.items()}
+        self.deficit = np.asarray(checkpoint.deficit, dtype=float).copy()
+        self.loads.load_state(checkpoint.loads)
+        self.history = [dict(r) for r in checkpoint.history]
+        self.pending = None if checkpoint.pending is None else dict(checkpoint.pending)
+        keys = sorted(checkpoint.fitness)
+        self.fitness.load_state(
+            {
+                "client_ids": keys,
+                "values": np.reshape(
+                    [checkpoint.fitness[k] for k in keys], (len(keys), self.num_experts)
+                ),
+            }
+        )
+        self.completed_round = int(checkpoint.round)
+
+    # ---------------------------------------------------------------- summary
+    def records(self) -> list[dict[str, Any]]:
+        """Return every record so far, the one awaiting its evaluation last."""
+        return self.history + ([self.pending] if self.pending is not None else [])
+
+    def summary(self, capacities: Mapping[int, int]) -> dict[str, Any]:
+        """Return the run's closing figures, fitness table and cumulative loads."""
+        records = self.records()
+        last = records[-1] if records else {}
+        evaluated = [r for r in records if "local_acc" in r]
+        return {
+            "strategy": self.allocator.name,
+            "rounds": len(records),
+            "clients": len(capacities),
+            "final_local_acc": evaluated[-1]["local_acc"] if evaluated else None,
+            "best_local_acc": max((r["local_acc"] for r in evaluated), default=None),
+            "final_global_acc": next(
+                (r["global_acc"] for r in reversed(records) if "global_acc" in r), None
+            ),
+            "mean_load_clients_cv": float(np.mean([r["load_clients_cv"] for r in records]))
+            if records
+            else None,
+            "cum_load_clients_cv": last.get("cum_load_clients_cv"),
+            "cum_load_samples_cv": last.get("cum_load_samples_cv"),
+            "capacities": {str(k): c for k, c in sorted(capacities.items())},
+            "fitness": self.fitness.state(),
+            "cumulative_loads": self.loads.state(),
+        }
+
+
+def headline(record: Mapping[str, Any], num_rounds: int) -> str:
+    """Return the one-line summary of a finished round record, for the server log."""
+
+    def accuracy(name: str) -> str:
+        return f"{record[name]:.4f}" if name in record else "n/a"
+
+    return (
+        f"[round {record['round']}/{num_rounds}] local acc {accuracy('local_acc')} | "
+        f"global acc {accuracy('global_acc')} | "
+        f"train loss {record.get('train_loss', float('nan')):.3f} | expert load "
+        f"{record['load_clients']} (CV {record['load_clients_cv']:.3f}, cumulative CV "
+        f"{record['cum_load_clients_cv']:.3f}) | samples CV {record['load_samples_cv']:.3f} | "
+        f"alloc {1000 * record['allocation_time_s']:.1f} ms | {record['round_time_s']:.1f} s"
+    )
