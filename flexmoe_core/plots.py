@@ -181,12 +181,16 @@ def plot_load_heatmaps(
 
 
 def plot_comparisons(
-    differences: Mapping[str, Sequence[Any]], metric_names: Mapping[str, str], path: Path
+    differences: Mapping[str, Sequence[Any]],
+    metric_names: Mapping[str, str],
+    path: Path,
+    unscaled: Sequence[str] = (),
 ) -> Path:
     """Plot reference − other with its confidence interval, one row per (setup, other).
 
     ``differences[setup]`` holds objects with ``other``, ``metric``, ``mean``, ``low``
-    and ``high`` (accuracy shares; drawn in points); one panel per metric.
+    and ``high``; one panel per metric. Accuracy shares are drawn in points, metrics
+    in ``unscaled`` (a load CV) as they are.
     """
     plt = _pyplot()
     metrics = list(dict.fromkeys(d.metric for diffs in differences.values() for d in diffs))
@@ -198,6 +202,7 @@ def plot_comparisons(
     )
     colours = strategy_colours(list(dict.fromkeys(other for _, other in rows)))
     for ax, metric in zip(axes[0], metrics, strict=True):
+        scale = 1.0 if metric in unscaled else 100.0
         for y, (setup, other) in enumerate(rows):
             match = [d for d in differences[setup] if d.other == other and d.metric == metric]
             if not match or not np.isfinite(match[0].mean):
@@ -205,9 +210,9 @@ def plot_comparisons(
             d = match[0]
             low, high = (d.low, d.high) if np.isfinite(d.low) else (d.mean, d.mean)
             ax.errorbar(
-                100 * d.mean,
+                scale * d.mean,
                 y,
-                xerr=[[100 * (d.mean - low)], [100 * (high - d.mean)]],
+                xerr=[[scale * (d.mean - low)], [scale * (high - d.mean)]],
                 fmt="o",
                 color=colours[other],
                 capsize=3,
@@ -216,7 +221,8 @@ def plot_comparisons(
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels([f"{setup} | {other}" for setup, other in rows], fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlabel(f"FLEX-MoE − other, {metric_names.get(metric, metric)} (points)")
+        unit = "" if metric in unscaled else " (points)"
+        ax.set_xlabel(f"FLEX-MoE − other, {metric_names.get(metric, metric)}{unit}")
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("Paired per-seed differences, 95 % Student-t confidence intervals", fontsize=10)
     fig.tight_layout()

@@ -83,7 +83,14 @@ OBJECTIVES = [column for column, _ in COLUMNS]
 COMPARED: list[tuple[str, str]] = [
     ("final_local_acc", "final local accuracy"),
     ("final_global_acc", "final global accuracy"),
+    ("load_cv", "expert load CV per round"),
 ]
+# Compared columns where lower is better (the verdict flips); shown as raw differences,
+# the accuracies in points. Not compared with strategies whose load is not k_c of E.
+LOWER_IS_BETTER = ("load_cv", "cum_load_cv")
+# The single-expert baseline (model.num_experts = 1): compared with every setup that
+# trains on the same data, whatever that setup's E and capacities.
+SINGLE_EXPERT = "fedavg_e1"
 CONFIDENCE = 0.95
 BETTER, NO_DIFFERENCE, WORSE, TOO_FEW = (
     "better",
@@ -140,6 +147,7 @@ class Run:
     seed: int
     records: list[dict[str, Any]] = field(default_factory=list)
     state: str = COMPLETED
+    data: str = ""  # the setup without the experts and capacities (:func:`describe_data`)
 
     def series(self, key: str) -> np.ndarray:
         """Return ``key`` per round (NaN where a round did not measure it)."""
@@ -179,6 +187,19 @@ class Run:
             else np.nan,
             "wall_s": float(np.nansum(self.series("round_time_s"))),
         }
+
+
+def describe_data(cfg: Any) -> str:
+    """Return the data, backbone, clients and rounds a run trained with (no experts)."""
+    part = cfg.partition
+    detail = {
+        "dirichlet": f"α={part.get('alpha')}",
+        "kclass": f"{part.get('classes_per_client')}-class",
+    }.get(part.type, "")
+    return (
+        f"{cfg.dataset.name} · {part.type}{' ' + detail if detail else ''} · "
+        f"{cfg.model.backbone} · {cfg.num_clients} clients · {cfg.num_rounds} rounds"
+    )
 
 
 def describe_setup(cfg: Any) -> str:
@@ -233,10 +254,15 @@ def strategy_label(cfg: Any, label_keys: Sequence[str] = ()) -> str:
     """Return the strategy's name plus its method settings that differ from conf/'s.
 
     ``flexmoe`` for the default, ``flexmoe β=0.2`` or ``flexmoe deficit rule off`` for
-    an ablation; only keys the run's configuration has are compared. ``label_keys``
+    an ablation, ``fedavg_e1`` for a single-expert model (whatever its allocator: with
+    one expert every client holds it); only keys the run's configuration has are
+    compared. ``label_keys``
     are added as ``key=value`` whatever their value (to tell apart runs that differ in
     settings the label does not otherwise show, e.g. ``train.lr``).
     """
+    extra = [f"{key}={OmegaConf.select(cfg, key, default=None)}" for key in label_keys]
+    if int(cfg.model.num_experts) == 1:  # FedAvg of the trunk with one expert
+        return " ".join([SINGLE_EXPERT, *extra])
     defaults = _default_method_settings(str(cfg.model.backbone))
     changed = []
     for key, name in VARIANT_KEYS:
@@ -245,8 +271,7 @@ def strategy_label(cfg: Any, label_keys: Sequence[str] = ()) -> str:
         if value is None or default is None or value == default:
             continue
         changed.append(_setting_text(name, value))
-    changed += [f"{key}={OmegaConf.select(cfg, key, default=None)}" for key in label_keys]
-    return " ".join([str(cfg.strategy.name), *changed])
+    return " ".join([str(cfg.strategy.name), *changed, *extra])
 
 
 def _visible_files(folder: Path, name: str) -> Iterator[Path]:
@@ -272,6 +297,7 @@ def load_run(run_dir: str | Path, label_keys: Sequence[str] = ()) -> Run:
         int(cfg.seed),
         records,
         run_state(run_dir),
+        describe_data(cfg),
     )
 
 
@@ -437,11 +463,25 @@ def _order(strategy: str) -> tuple[int, str]:
     return (STRATEGY_ORDER.index(name) if name in STRATEGY_ORDER else 99, strategy)
 
 
+def _is_single_expert(run: Run) -> bool:
+    return run.strategy.split(" ", 1)[0] == SINGLE_EXPERT
+
+
 def group_runs(runs: Sequence[Run]) -> dict[str, dict[str, list[Run]]]:
-    """Return ``{setup: {strategy: runs sorted by seed}}``, setups and strategies ordered."""
+    """Return ``{setup: {strategy: runs sorted by seed}}``, setups and strategies ordered.
+
+    Single-expert runs (:data:`SINGLE_EXPERT`) join every setup of the same data
+    (:attr:`Run.data`) as a strategy of its own; with no such setup they form their own.
+    """
     groups: dict[str, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        groups[run.setup][run.strategy].append(run)
+        if not _is_single_expert(run):
+            groups[run.setup][run.strategy].append(run)
+    data_of = {run.setup: run.data for run in runs if not _is_single_expert(run)}
+    for run in filter(_is_single_expert, runs):
+        homes = [setup for setup, data in data_of.items() if data and data == run.data]
+        for setup in homes or [run.setup]:
+            groups[setup][run.strategy].append(run)
     return {
         setup: {
             strategy: sorted(by_strategy[strategy], key=lambda r: r.seed)
@@ -493,13 +533,20 @@ def paired_t_interval(
     return (mean, mean - half, mean + half)
 
 
-def verdict(low: float, high: float) -> str:
-    """Say what an interval of (reference − other) shows: better, worse, or neither."""
+def verdict(low: float, high: float, higher_is_better: bool = True) -> str:
+    """Say what an interval of (reference − other) shows: better, worse, or neither.
+
+    An interval that touches 0 detects no difference; ``higher_is_better=False`` (a
+    load CV) flips the reading.
+    """
     if math.isnan(low) or math.isnan(high):
         return TOO_FEW
-    if low > 0:
+    above, below = low > 0, high < 0
+    if not higher_is_better:
+        above, below = below, above
+    if above:
         return BETTER
-    if high < 0:
+    if below:
         return WORSE
     return NO_DIFFERENCE
 
@@ -527,7 +574,9 @@ def compare_to_reference(
     """Return ``reference`` − every other strategy per metric, paired by seed.
 
     Only seeds both strategies completed (and measured the metric) are paired; the
-    interval is :func:`paired_t_interval`'s. Empty if ``reference`` has no run.
+    interval is :func:`paired_t_interval`'s. Load metrics (:data:`LOWER_IS_BETTER`)
+    are not compared with strategies whose clients hold all experts
+    (:data:`UNBOUNDED_STRATEGIES`). Empty if ``reference`` has no run.
     """
     if reference not in by_strategy:
         return []
@@ -537,7 +586,10 @@ def compare_to_reference(
         if other == reference:
             continue
         theirs = {r.seed: r.summary() for r in runs}
+        unbounded = other.split(" ", 1)[0] in UNBOUNDED_STRATEGIES
         for metric in metrics:
+            if unbounded and metric in LOWER_IS_BETTER:
+                continue
             seeds = sorted(
                 s
                 for s in set(ours) & set(theirs)
@@ -545,9 +597,8 @@ def compare_to_reference(
             )
             diffs = [ours[s][metric] - theirs[s][metric] for s in seeds]
             mean, low, high = paired_t_interval(diffs)
-            out.append(
-                PairedDifference(setup, other, metric, seeds, mean, low, high, verdict(low, high))
-            )
+            judged = verdict(low, high, metric not in LOWER_IS_BETTER)
+            out.append(PairedDifference(setup, other, metric, seeds, mean, low, high, judged))
     return out
 
 
@@ -597,19 +648,27 @@ def _fmt(mean: float, std: float, column: str) -> str:
 
 
 def _fmt_difference(diff: PairedDifference) -> str:
+    """Accuracies in points (one decimal), load CVs as they are (three decimals)."""
     if not diff.seeds:
         return "–"
+    scale, form = (1, "{:+.3f}") if diff.metric in LOWER_IS_BETTER else (100, "{:+.1f}")
+    text = form.format(scale * diff.mean)
     if math.isnan(diff.low):
-        return f"{100 * diff.mean:+.1f}"
-    return f"{100 * diff.mean:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]"
+        return text
+    return f"{text} [{form.format(scale * diff.low)}, {form.format(scale * diff.high)}]"
 
 
 def comparison_table(differences: Sequence[PairedDifference]) -> list[str]:
-    """Return the Markdown table of one setup's paired differences (points)."""
+    """Return the Markdown table of one setup's paired differences.
+
+    Accuracies in points; load CVs as they are (lower is better, so a negative
+    difference is ``better``).
+    """
     metrics = list(dict.fromkeys(d.metric for d in differences))
     names = dict(COMPARED)
     head = "| FLEX-MoE − | seeds | " + " | ".join(
-        f"{names.get(m, m)}: Δ points [95 % CI] | verdict" for m in metrics
+        f"{names.get(m, m)}: Δ{'' if m in LOWER_IS_BETTER else ' points'} [95 % CI] | verdict"
+        for m in metrics
     )
     lines = [head + " |", "|---" * (2 + 2 * len(metrics)) + "|"]
     by_other: dict[str, dict[str, PairedDifference]] = defaultdict(dict)
@@ -651,7 +710,8 @@ def write_tables(
         "seeds both completed (strategies of one seed share its data partition and initial "
         f"model), in accuracy points; {100 * CONFIDENCE:.0f} % Student-t confidence "
         "interval on the paired differences. Verdict: `better` (the interval is above 0), "
-        "`worse` (below 0), `no detectable difference` (it contains 0).",
+        "`worse` (below 0), `no detectable difference` (it contains 0); for the load CV "
+        "lower is better, so the reading flips (a negative difference is `better`).",
     ]
     if not table:
         lines += ["", "No completed run."]
@@ -848,6 +908,7 @@ def build_report(
             {setup: diffs for setup, diffs in differences.items() if diffs},
             dict(COMPARED),
             out / "comparisons.png",
+            LOWER_IS_BETTER,
         )
     (out / "runs.json").write_text(
         json.dumps(

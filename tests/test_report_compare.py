@@ -46,13 +46,22 @@ def test_verdict() -> None:
     assert verdict(-3.0, -0.1) == WORSE
     assert verdict(0.0, 1.0) == NO_DIFFERENCE  # touching 0 is not a detected difference
     assert verdict(math.nan, math.nan) == TOO_FEW
+    assert verdict(0.0, 0.0) == NO_DIFFERENCE  # equal on every seed
+    # lower is better (a load CV): an interval below 0 is better
+    assert verdict(-3.0, -0.1, higher_is_better=False) == BETTER
+    assert verdict(0.1, 3.0, higher_is_better=False) == WORSE
+    assert verdict(-0.1, 0.0, higher_is_better=False) == NO_DIFFERENCE
 
 
-def run_of(strategy: str, seed: int, final: float, examples: int = 100) -> Run:
+def run_of(
+    strategy: str, seed: int, final: float, examples: int = 100, load_cv: float = 0.1
+) -> Run:
     records = [
         {"round": 1, "local_acc": final / 2, "train_examples": examples},
         {"round": 2, "local_acc": final, "global_acc": final - 0.1, "train_examples": examples},
     ]
+    for record in records:
+        record["load_clients_cv"] = load_cv
     return Run(Path(f"/runs/{strategy}-{seed}"), "setup", strategy, seed, records)
 
 
@@ -73,6 +82,23 @@ def test_differences_are_paired_by_seed() -> None:
     assert compare_to_reference({"greedy": greedy}) == []  # no reference: nothing to say
 
 
+def test_load_cv_lower_is_better_and_not_against_dense() -> None:
+    flex = [run_of("flexmoe", s, 0.6, load_cv=0.05 + 0.01 * s) for s in range(3)]
+    greedy = [run_of("greedy", s, 0.6, load_cv=0.5 + 0.02 * s) for s in range(3)]
+    dense = [run_of("dense", s, 0.7, load_cv=0.0) for s in range(3)]
+    diffs = compare_to_reference({"flexmoe": flex, "greedy": greedy, "dense": dense})
+    load = next(d for d in diffs if d.metric == "load_cv")
+    # differences -0.45, -0.46, -0.47: mean -0.46, s = 0.01
+    assert load.other == "greedy" and load.mean == pytest.approx(-0.46)
+    assert load.verdict == BETTER
+    assert {(d.other, d.metric) for d in diffs if d.other == "dense"} == {
+        ("dense", "final_local_acc"),
+        ("dense", "final_global_acc"),
+    }
+    dense_local = next(d for d in diffs if d.other == "dense" and d.metric == "final_local_acc")
+    assert dense_local.verdict == WORSE  # 10 points behind on every seed: a zero-width interval
+
+
 def test_pairing_check_finds_a_different_partition() -> None:
     runs = [run_of("flexmoe", 0, 0.6), run_of("greedy", 0, 0.5), run_of("random", 1, 0.5)]
     assert pairing_problems(runs) == []
@@ -90,6 +116,9 @@ def test_ablation_runs_are_labelled_by_what_they_change() -> None:
         "flexmoe signal=accuracy top-1"
     )
     assert strategy_label(load_config("strategy.epsilon=0.2")) == "flexmoe ε=0.2"
+    assert strategy_label(load_config("ablation=deficit_off")) == "flexmoe deficit rule off"
+    assert strategy_label(load_config("baseline=fedavg_e1")) == "fedavg_e1"
+    assert strategy_label(load_config("train.lr=0.1"), ["train.lr"]) == "flexmoe train.lr=0.1"
 
 
 def fake_run_dir(root: Path, overrides: str, accs: list[float]) -> Path:
@@ -146,11 +175,33 @@ def test_report_writes_comparisons_run_rows_and_shared_scale_plots(tmp_path: Pat
     assert row["bytes_total"] == "6000000" and row["load_cv_per_round"] == "0.1000 0.1000"
     comparisons = list(csv.DictReader((out / "comparisons.csv").open()))
     assert {(c["other"], c["metric"]) for c in comparisons} == {
-        (o, m) for o in ("greedy", "flexmoe β=0.2") for m in ("final_local_acc", "final_global_acc")
+        (o, m)
+        for o in ("greedy", "flexmoe β=0.2")
+        for m in ("final_local_acc", "final_global_acc", "load_cv")
     }
     assert len(list(out.glob("*.png"))) == 3
     only = build_report([runs], tmp_path / "only", strategies=["flexmoe"])
     assert list(only[setup]) == ["flexmoe", "flexmoe β=0.2"]
+
+
+def test_single_expert_runs_join_every_setup_of_their_data(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for seed in range(2):
+        fake_run_dir(runs, f"seed={seed}", [0.3, 0.6])
+        fake_run_dir(runs, f"seed={seed} capacity.high=3", [0.3, 0.6])  # another setup
+        fake_run_dir(runs, f"seed={seed} baseline=fedavg_e1", [0.3, 0.5 + 0.01 * seed])
+        fake_run_dir(runs, f"seed={seed} baseline=fedavg_e1 partition=iid", [0.3, 0.5])
+    table = build_report([runs], tmp_path / "out")
+    by_setup = {setup: list(strategies) for setup, strategies in table.items()}
+    moe = [s for s in by_setup if "E=8" in s]
+    assert len(moe) == 2 and all(by_setup[s] == ["flexmoe", "fedavg_e1"] for s in moe)
+    (alone,) = [s for s in by_setup if "iid" in s]  # no MoE setup of that data
+    assert by_setup[alone] == ["fedavg_e1"]
+    comparisons = list(csv.DictReader((tmp_path / "out" / "comparisons.csv").open()))
+    local = [c for c in comparisons if c["metric"] == "final_local_acc"]
+    assert len(local) == 2 and all(c["other"] == "fedavg_e1" for c in local)
+    assert float(local[0]["mean"]) == pytest.approx(0.095)  # 10 and 9 points
+    assert not [c for c in comparisons if c["metric"] == "load_cv"]
 
 
 def test_heatmaps_share_one_colour_scale(tmp_path: Path) -> None:
