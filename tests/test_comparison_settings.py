@@ -56,7 +56,7 @@ def test_round_lr_decays_per_round() -> None:
 
 @pytest.mark.parametrize("decay", ["0", "1.5"])
 def test_lr_decay_out_of_range_is_refused(decay: str) -> None:
-    with pytest.raises(ConfigError, match="train.lr_decay"):
+    with pytest.raises(ConfigError, match=r"train\.lr_decay"):
         load_config(f"train.lr_decay={decay}")
 
 
