@@ -198,7 +198,11 @@ def plot_comparisons(
         dict.fromkeys((setup, d.other) for setup, diffs in differences.items() for d in diffs)
     )
     fig, axes = plt.subplots(
-        1, len(metrics), figsize=(6 * len(metrics), 1.2 + 0.28 * len(rows)), squeeze=False
+        1,
+        len(metrics),
+        figsize=(3 + 4 * len(metrics), 1.4 + 0.3 * len(rows)),
+        squeeze=False,
+        sharey=True,
     )
     colours = strategy_colours(list(dict.fromkeys(other for _, other in rows)))
     for ax, metric in zip(axes[0], metrics, strict=True):
@@ -218,13 +222,24 @@ def plot_comparisons(
                 capsize=3,
             )
         ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_yticks(range(len(rows)))
-        ax.set_yticklabels([f"{setup} | {other}" for setup, other in rows], fontsize=7)
-        ax.invert_yaxis()
         unit = "" if metric in unscaled else " (points)"
-        ax.set_xlabel(f"FLEX-MoE − other, {metric_names.get(metric, metric)}{unit}")
+        ax.set_xlabel(f"FLEX-MoE − other\n{metric_names.get(metric, metric)}{unit}", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("Paired per-seed differences, 95 % Student-t confidence intervals", fontsize=10)
+    # one setup: the strategies name the rows; several: "dataset · partition | strategy"
+    several = len(differences) > 1
+    axes[0][0].set_yticks(range(len(rows)))
+    axes[0][0].set_yticklabels(
+        [
+            f"{' · '.join(setup.split(' · ')[:2])} | {other}" if several else other
+            for setup, other in rows
+        ],
+        fontsize=8,
+    )
+    axes[0][0].invert_yaxis()
+    title = "Paired per-seed differences, 95 % Student-t confidence intervals"
+    if not several:
+        title += "\n" + next(iter(differences))
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

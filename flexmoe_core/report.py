@@ -33,6 +33,7 @@ import argparse
 import csv
 import json
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -148,6 +149,7 @@ class Run:
     records: list[dict[str, Any]] = field(default_factory=list)
     state: str = COMPLETED
     data: str = ""  # the setup without the experts and capacities (:func:`describe_data`)
+    settings: dict[str, str] = field(default_factory=dict)  # flattened config, for checks
 
     def series(self, key: str) -> np.ndarray:
         """Return ``key`` per round (NaN where a round did not measure it)."""
@@ -298,7 +300,22 @@ def load_run(run_dir: str | Path, label_keys: Sequence[str] = ()) -> Run:
         records,
         run_state(run_dir),
         describe_data(cfg),
+        _flatten(OmegaConf.to_container(cfg, resolve=False)),
     )
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Return ``{"a.b": "value"}`` for a nested config (lists as their text)."""
+    if not isinstance(tree, dict):
+        return {prefix: str(tree)}
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+# Settings that say where a run wrote or read, not what it computed.
+PLACE_KEYS = ("output_root", "run_name", "dataset.path", "dataset.cache_dir", "wandb.", "sweep.")
 
 
 def find_runs(folders: Sequence[str | Path], label_keys: Sequence[str] = ()) -> list[Run]:
@@ -603,23 +620,55 @@ def compare_to_reference(
 
 
 def pairing_problems(runs: Sequence[Run]) -> list[str]:
-    """Check that the runs of one (setup, seed) trained on the same data.
+    """Check that the runs of one (setup, seed) trained on the same data, once each.
 
     The partition and the initial model are functions of the setup and the seed, so
     every strategy of a seed must report the same number of training examples in
-    round 1 (when every client took part); a mismatch is returned as a message.
+    round 1 (when every client took part). And a (setup, strategy, seed) must have one
+    run: two are runs of settings the setup and label do not show (they would count
+    as two seeds, and only one would be paired). Each problem is returned as a message.
     """
-    seen: dict[tuple[str, int], dict[float, list[str]]] = defaultdict(lambda: defaultdict(list))
-    for run in runs:
-        if run.records and "train_examples" in run.records[0]:
-            examples = float(run.records[0]["train_examples"])
-            seen[(run.setup, run.seed)][examples].append(run.strategy)
-    return [
-        f"{setup}, seed {seed}: training examples in round 1 differ: "
-        + "; ".join(f"{int(n)} ({', '.join(sorted(s))})" for n, s in sorted(counts.items()))
-        for (setup, seed), counts in sorted(seen.items())
-        if len(counts) > 1
-    ]
+    problems = []
+    for setup, by_strategy in group_runs(runs).items():
+        seen: dict[int, dict[float, list[str]]] = defaultdict(lambda: defaultdict(list))
+        for strategy, members in by_strategy.items():
+            for run in members:
+                if run.records and "train_examples" in run.records[0]:
+                    seen[run.seed][float(run.records[0]["train_examples"])].append(strategy)
+            problems += _duplicates(setup, strategy, members)
+        problems += [
+            f"{setup}, seed {seed}: training examples in round 1 differ: "
+            + "; ".join(f"{int(n)} ({', '.join(sorted(s))})" for n, s in sorted(counts.items()))
+            for seed, counts in sorted(seen.items())
+            if len(counts) > 1
+        ]
+    return problems
+
+
+def _duplicates(setup: str, strategy: str, members: Sequence[Run]) -> list[str]:
+    """Return a message per seed with more than one run of ``strategy``."""
+    by_seed: dict[int, list[Run]] = defaultdict(list)
+    for run in members:
+        by_seed[run.seed].append(run)
+    messages = []
+    for seed, same in sorted(by_seed.items()):
+        if len(same) < 2:
+            continue
+        keys = sorted(
+            key
+            for key in set().union(*(r.settings for r in same))
+            if not key.startswith(PLACE_KEYS) and len({r.settings.get(key) for r in same}) > 1
+        )
+        hint = (
+            f"they differ in {', '.join(keys)} (show it: --label-keys {' '.join(keys)})"
+            if keys
+            else "same settings (a repeated run?)"
+        )
+        messages.append(
+            f"{setup}, {strategy}, seed {seed}: {len(same)} runs "
+            f"({', '.join(r.path.name for r in same)}); {hint}"
+        )
+    return messages
 
 
 COMPARISON_COLUMNS = [
@@ -728,7 +777,10 @@ def write_tables(
     lines += (
         [f"- {problem}" for problem in pairing]
         if pairing
-        else ["Every strategy of a (setup, seed) trained on the same number of examples."]
+        else [
+            "Every strategy of a (setup, seed) trained on the same number of examples, "
+            "and each (setup, strategy, seed) has one run."
+        ]
     )
     if not_counted:
         lines += ["", f"### Not counted ({len(not_counted)})", ""]
@@ -891,18 +943,21 @@ def build_report(
     differences = {
         setup: compare_to_reference(by_strategy, setup) for setup, by_strategy in groups.items()
     }
+    pairing = pairing_problems(completed)
+    for problem in pairing:
+        warnings.warn(f"pairing check: {problem}", stacklevel=2)
     write_tables(
         table,
         out,
         sorted((state, path) for path, state in not_counted.items()),
         differences,
-        pairing_problems(completed),
+        pairing,
     )
     write_run_rows(runs, out)
     if sweeps:
         write_trials(sweeps, out)
     for setup in table:
-        plot_setup(setup, [r for r in completed if r.setup == setup], out)
+        plot_setup(setup, completed, out)
     if any(differences.values()):
         plot_comparisons(
             {setup: diffs for setup, diffs in differences.items() if diffs},

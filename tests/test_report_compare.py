@@ -225,3 +225,21 @@ def test_heatmaps_share_one_colour_scale(tmp_path: Path) -> None:
         plots.draw_load_heatmap = original
     assert drawn == [(0.0, 8.0, False), (0.0, 8.0, False)]
     assert np.isclose(8.0, max(drawn)[1])
+
+
+def test_runs_of_settings_the_labels_hide_are_reported(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    fake_run_dir(runs, "seed=0", [0.3, 0.6])
+    fake_run_dir(runs, "seed=0 train.lr=0.1", [0.3, 0.7])  # same setup, strategy and seed
+    fake_run_dir(runs, "seed=0 strategy=greedy", [0.3, 0.5])
+    with pytest.warns(UserWarning, match=r"flexmoe, seed 0: 2 runs .* differ in train\.lr"):
+        build_report([runs], tmp_path / "out")
+    assert "--label-keys train.lr" in (tmp_path / "out" / "results.md").read_text()
+    # shown in the label, they are two strategies and the check is quiet
+    table = build_report([runs], tmp_path / "labelled", label_keys=["train.lr"])
+    (setup,) = table
+    assert sorted(table[setup]) == [
+        "flexmoe train.lr=0.05",
+        "flexmoe train.lr=0.1",
+        "greedy train.lr=0.05",
+    ]
