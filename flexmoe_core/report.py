@@ -252,19 +252,16 @@ def _setting_text(name: str, value: Any) -> str:
     return f"{name}={value}"
 
 
-def strategy_label(cfg: Any, label_keys: Sequence[str] = ()) -> str:
+def strategy_label(cfg: Any) -> str:
     """Return the strategy's name plus its method settings that differ from conf/'s.
 
     ``flexmoe`` for the default, ``flexmoe β=0.2`` or ``flexmoe deficit rule off`` for
     an ablation, ``fedavg_e1`` for a single-expert model (whatever its allocator: with
     one expert every client holds it); only keys the run's configuration has are
-    compared. ``label_keys``
-    are added as ``key=value`` whatever their value (to tell apart runs that differ in
-    settings the label does not otherwise show, e.g. ``train.lr``).
+    compared.
     """
-    extra = [f"{key}={OmegaConf.select(cfg, key, default=None)}" for key in label_keys]
     if int(cfg.model.num_experts) == 1:  # FedAvg of the trunk with one expert
-        return " ".join([SINGLE_EXPERT, *extra])
+        return SINGLE_EXPERT
     defaults = _default_method_settings(str(cfg.model.backbone))
     changed = []
     for key, name in VARIANT_KEYS:
@@ -273,7 +270,7 @@ def strategy_label(cfg: Any, label_keys: Sequence[str] = ()) -> str:
         if value is None or default is None or value == default:
             continue
         changed.append(_setting_text(name, value))
-    return " ".join([str(cfg.strategy.name), *changed, *extra])
+    return " ".join([str(cfg.strategy.name), *changed])
 
 
 def _visible_files(folder: Path, name: str) -> Iterator[Path]:
@@ -283,23 +280,26 @@ def _visible_files(folder: Path, name: str) -> Iterator[Path]:
             yield path
 
 
-def load_run(run_dir: str | Path, label_keys: Sequence[str] = ()) -> Run:
+def load_run(run_dir: str | Path, setup_keys: Sequence[str] = ()) -> Run:
     """Read one run folder (``config.yaml``, and ``metrics.jsonl`` if it got that far).
 
-    ``label_keys``: settings added to the strategy label (:func:`strategy_label`).
+    ``setup_keys``: settings added to the setup as ``key=value`` (to tell apart runs
+    that differ in settings neither the setup nor the strategy label show, e.g.
+    ``train.lr``: each value is then a setup with its own comparison).
     """
     run_dir = Path(run_dir)
     cfg = OmegaConf.load(run_dir / CONFIG_FILE)
     assert isinstance(cfg, DictConfig)
     records = read_metrics(run_dir) if (run_dir / METRICS_FILE).is_file() else []
+    extra = "".join(f" · {key}={OmegaConf.select(cfg, key, default=None)}" for key in setup_keys)
     return Run(
         run_dir,
-        describe_setup(cfg),
-        strategy_label(cfg, label_keys),
+        describe_setup(cfg) + extra,
+        strategy_label(cfg),
         int(cfg.seed),
         records,
         run_state(run_dir),
-        describe_data(cfg),
+        describe_data(cfg) + extra,
         _flatten(OmegaConf.to_container(cfg, resolve=False)),
     )
 
@@ -318,10 +318,10 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 PLACE_KEYS = ("output_root", "run_name", "dataset.path", "dataset.cache_dir", "wandb.", "sweep.")
 
 
-def find_runs(folders: Sequence[str | Path], label_keys: Sequence[str] = ()) -> list[Run]:
+def find_runs(folders: Sequence[str | Path], setup_keys: Sequence[str] = ()) -> list[Run]:
     """Return every run below ``folders`` (any state; see :attr:`Run.state`)."""
     return [
-        load_run(config.parent, label_keys)
+        load_run(config.parent, setup_keys)
         for folder in folders
         for config in _visible_files(Path(folder), CONFIG_FILE)
     ]
@@ -660,7 +660,7 @@ def _duplicates(setup: str, strategy: str, members: Sequence[Run]) -> list[str]:
             if not key.startswith(PLACE_KEYS) and len({r.settings.get(key) for r in same}) > 1
         )
         hint = (
-            f"they differ in {', '.join(keys)} (show it: --label-keys {' '.join(keys)})"
+            f"they differ in {', '.join(keys)} (tell them apart: --setup-keys {' '.join(keys)})"
             if keys
             else "same settings (a repeated run?)"
         )
@@ -908,20 +908,20 @@ def build_report(
     folders: Sequence[str | Path],
     out: str | Path,
     strategies: Sequence[str] | None = None,
-    label_keys: Sequence[str] = (),
+    setup_keys: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Write tables, comparisons, trials and plots for the runs below ``folders``.
 
     ``strategies`` keeps only runs of those strategy names (``flexmoe`` keeps the
-    default and its ablations); ``label_keys`` are settings added to every strategy
-    label. Returns the table of :func:`aggregate_runs`.
+    default and its ablations); ``setup_keys`` are settings added to every setup
+    (:func:`load_run`). Returns the table of :func:`aggregate_runs`.
 
     Raises
     ------
     FileNotFoundError
         If there is neither a run nor a sweep job below ``folders``.
     """
-    runs = find_runs(folders, label_keys)
+    runs = find_runs(folders, setup_keys)
     if strategies:
         runs = [r for r in runs if r.strategy.split(" ", 1)[0] in set(strategies)]
     sweeps = find_sweep_jobs(folders)
@@ -997,13 +997,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="keep only these strategy names (e.g. flexmoe: the default and its ablations)",
     )
     parser.add_argument(
-        "--label-keys",
+        "--setup-keys",
         nargs="+",
         default=(),
-        help="settings added to every strategy label as key=value (e.g. train.lr)",
+        help="settings that make a setup of their own, as key=value (e.g. train.lr)",
     )
     args = parser.parse_args(argv)
-    build_report(args.folders, args.out, args.strategies, args.label_keys)
+    build_report(args.folders, args.out, args.strategies, args.setup_keys)
     out = Path(args.out)
     print((out / "results.md").read_text(encoding="utf-8"))
     if (out / "trials.md").is_file():

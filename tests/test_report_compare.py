@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,6 @@ def test_ablation_runs_are_labelled_by_what_they_change() -> None:
     assert strategy_label(load_config("strategy.epsilon=0.2")) == "flexmoe ε=0.2"
     assert strategy_label(load_config("ablation=deficit_off")) == "flexmoe deficit rule off"
     assert strategy_label(load_config("baseline=fedavg_e1")) == "fedavg_e1"
-    assert strategy_label(load_config("train.lr=0.1"), ["train.lr"]) == "flexmoe train.lr=0.1"
 
 
 def fake_run_dir(root: Path, overrides: str, accs: list[float]) -> Path:
@@ -234,12 +234,13 @@ def test_runs_of_settings_the_labels_hide_are_reported(tmp_path: Path) -> None:
     fake_run_dir(runs, "seed=0 strategy=greedy", [0.3, 0.5])
     with pytest.warns(UserWarning, match=r"flexmoe, seed 0: 2 runs .* differ in train\.lr"):
         build_report([runs], tmp_path / "out")
-    assert "--label-keys train.lr" in (tmp_path / "out" / "results.md").read_text()
-    # shown in the label, they are two strategies and the check is quiet
-    table = build_report([runs], tmp_path / "labelled", label_keys=["train.lr"])
-    (setup,) = table
-    assert sorted(table[setup]) == [
-        "flexmoe train.lr=0.05",
-        "flexmoe train.lr=0.1",
-        "greedy train.lr=0.05",
-    ]
+    assert "--setup-keys train.lr" in (tmp_path / "out" / "results.md").read_text()
+    # told apart, they are two setups, each with its own comparison, and the check is quiet
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = build_report([runs], tmp_path / "apart", setup_keys=["train.lr"])
+    by_lr = {setup.rsplit("=", 1)[1]: list(strategies) for setup, strategies in table.items()}
+    assert by_lr == {"0.05": ["flexmoe", "greedy"], "0.1": ["flexmoe"]}
+    comparisons = list(csv.DictReader((tmp_path / "apart" / "comparisons.csv").open()))
+    assert {c["other"] for c in comparisons} == {"greedy"}
+    assert all(c["setup"].endswith("train.lr=0.05") for c in comparisons)
