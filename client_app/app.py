@@ -45,7 +45,7 @@ from flexmoe_core.model import (
     shared_state,
 )
 from flexmoe_core.node import NodeSettings
-from flexmoe_core.training import evaluate, resolve_device, train_local
+from flexmoe_core.training import evaluate, resolve_device, round_lr, train_local
 
 app = ClientApp()
 
@@ -226,7 +226,7 @@ def train(msg: Message, context: Context) -> Message:
         torch.from_numpy(data.train.y),
         epochs=int(cfg.train.local_epochs),
         batch_size=int(cfg.train.batch_size),
-        lr=float(cfg.train.lr),
+        lr=round_lr(float(cfg.train.lr), float(cfg.train.lr_decay), server_round),
         momentum=float(cfg.train.momentum),
         weight_decay=float(cfg.train.weight_decay),
         aux_loss_coef=float(cfg.train.aux_loss_coef),

@@ -111,14 +111,24 @@ class FlexAllocator:
         Any other value is a cvxpy solver name (``HIGHS``, ``CLARABEL``, ...).
     tie_noise : float
         Scale of the seeded uniform noise added to Q to break ties.
+    deficit_rule : bool
+        With ``epsilon == 0``: give the remainder slots to the experts of largest
+        historical deficit (True) or let the LP place them (False: an ablation).
     """
 
     name = "flexmoe"
 
-    def __init__(self, epsilon: float = 0.0, solver: str = "auto", tie_noise: float = 1e-6):
+    def __init__(
+        self,
+        epsilon: float = 0.0,
+        solver: str = "auto",
+        tie_noise: float = 1e-6,
+        deficit_rule: bool = True,
+    ):
         if epsilon < 0:
             raise ValueError(f"epsilon={epsilon}: must be >= 0")
         self.epsilon, self.solver, self.tie_noise = epsilon, solver, tie_noise
+        self.deficit_rule = deficit_rule
         self.uses_flow = solver.lower() in ("auto", "flow")
 
     def _solver_name(self) -> str | None:
@@ -143,7 +153,7 @@ class FlexAllocator:
         caps = check_inputs(fitness, capacities)
         start = time.perf_counter()
         num_experts = fitness.shape[1]
-        bounds = load_bounds(caps, num_experts, self.epsilon, deficit, rng)
+        bounds = load_bounds(caps, num_experts, self.epsilon, deficit, rng, self.deficit_rule)
         check_feasible(caps, num_experts, bounds)
         noisy = _tie_break(fitness, self.tie_noise, rng)
         if self.uses_flow:
@@ -291,6 +301,7 @@ def make_allocator(strategy_cfg) -> Allocator:
             float(strategy_cfg.get("epsilon", 0.0)),
             str(strategy_cfg.get("solver", "auto")),
             noise,
+            bool(strategy_cfg.get("deficit_rule", True)),
         )
     if name == "greedy":
         return GreedyAllocator(noise)

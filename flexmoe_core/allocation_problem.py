@@ -57,12 +57,15 @@ def load_bounds(
     epsilon: float,
     deficit: np.ndarray,
     rng: np.random.Generator,
+    deficit_rule: bool = True,
 ) -> LoadBounds:
     """Return the load bounds floor((1-eps) L-bar) .. ceil((1+eps) L-bar).
 
     With ``epsilon == 0`` and a fractional L-bar, every expert gets floor(L-bar) and
     the ``sum k - E floor(L-bar)`` remainder slots go to the experts with the largest
     historical deficit H (ties broken by ``rng``), so cumulative loads stay equal.
+    ``deficit_rule=False`` (an ablation) leaves each expert's load free in
+    floor(L-bar) .. ceil(L-bar), so the remainder slots go wherever fitness prefers.
     """
     total = int(capacities.sum())
     mean_load = total / num_experts
@@ -70,7 +73,10 @@ def load_bounds(
         base, extra = divmod(total, num_experts)
         lower = np.full(num_experts, base, dtype=int)
         if extra:
+            # drawn with or without the rule, so the rest of the seed's stream is the same
             order = np.lexsort((rng.random(num_experts), -np.asarray(deficit, dtype=float)))
+            if not deficit_rule:
+                return LoadBounds(lower, lower + 1, mean_load)
             lower[order[:extra]] += 1
         return LoadBounds(lower, lower.copy(), mean_load)
     low = math.floor((1 - epsilon) * mean_load + 1e-9)

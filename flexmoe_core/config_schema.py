@@ -226,6 +226,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("train.local_epochs", "int", "[1, inf)", meaning="local epochs per round"),
     S("train.batch_size", "int", "[1, inf)", meaning="local batch size"),
     S("train.lr", "float", "(0, inf)", meaning="SGD learning rate"),
+    S("train.lr_decay", "float", "(0, 1]", meaning="per-round learning-rate factor"),
     S("train.momentum", "float", "[0, 1)", meaning="SGD momentum"),
     S("train.weight_decay", "float", "[0, inf)", meaning="SGD weight decay"),
     S("train.aux_loss_coef", "float", "[0, inf)", meaning="weight of the balance loss"),
@@ -307,6 +308,12 @@ SETTINGS: tuple[Setting, ...] = (
         meaning="auto, flow, cvxpy or a cvxpy solver name",
         when="strategy.name=flexmoe",
         check=_non_empty,
+    ),
+    S(
+        "strategy.deficit_rule",
+        "bool",
+        meaning="remainder slots to the experts of largest load deficit (epsilon = 0)",
+        when="strategy.name=flexmoe",
     ),
     S("strategy.tie_noise", "float", "[0, inf)", meaning="tie-breaking noise", required=False),
     # model (rows are optional unless every model needs them: see module docstring)

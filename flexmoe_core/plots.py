@@ -1,4 +1,4 @@
-"""Plots of run results: curves per strategy and the expert-load heatmap.
+"""Plots of run results: curves per strategy, expert-load heatmaps, paired differences.
 
 Plain data in, PNG files out; nothing here reads result folders (that is
 :mod:`flexmoe_core.report`), so both the report and a run's W&B logging
@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
-# (per-round key, panel title) of the curves figure
-CURVE_PANELS: list[tuple[str, str]] = [
-    ("local_acc", "personalised accuracy (local split)"),
-    ("load_clients_cv", "expert load CV (clients holding)"),
-    ("load_samples_cv", "routed-samples CV"),
+# (per-round key, panel title, y is a share in [0, 1]) of the curves figure
+CURVE_PANELS: list[tuple[str, str, bool]] = [
+    ("local_acc", "personalised accuracy, local split", True),
+    ("global_acc", "personalised accuracy, global test", True),
+    ("load_clients_cv", "expert load CV per round (clients holding)", False),
+    ("cum_load_clients_cv", "cumulative expert load CV", False),
 ]
 
 
@@ -37,19 +38,52 @@ def _pyplot() -> Any:
     return plt
 
 
-def draw_load_heatmap(ax: Any, loads_per_round: Sequence[Sequence[int]]) -> None:
-    """Draw clients holding each expert (rows) per round (columns) on ``ax``."""
+def _integer_ticks(axis: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _integer_rounds(ax: Any) -> None:
+    _integer_ticks(ax.xaxis)
+    ax.set_xlabel("round")
+
+
+def strategy_colours(names: Sequence[str]) -> dict[str, Any]:
+    """Return one colour per name, in order (the same name: the same colour in a figure)."""
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+def draw_load_heatmap(
+    ax: Any,
+    loads_per_round: Sequence[Sequence[int]],
+    vmin: float | None = None,
+    vmax: float | None = None,
+    colorbar: bool = True,
+) -> Any:
+    """Draw clients holding each expert (rows) per round (columns) on ``ax``.
+
+    ``vmin``/``vmax`` fix the colour scale (to share it between panels); returns the
+    image, for a colour bar shared by several panels (``colorbar=False``).
+    """
     heat = np.asarray(loads_per_round, dtype=float).T
     image = ax.imshow(
         heat,
         aspect="auto",
         cmap="viridis",
         interpolation="nearest",
+        vmin=vmin,
+        vmax=vmax,
         extent=(0.5, heat.shape[1] + 0.5, heat.shape[0] - 0.5, -0.5),
     )
-    ax.set_xlabel("round")
+    _integer_rounds(ax)
+    _integer_ticks(ax.yaxis)
     ax.set_ylabel("expert")
-    ax.figure.colorbar(image, ax=ax, label="clients holding")
+    if colorbar:
+        ax.figure.colorbar(image, ax=ax, label="clients holding")
+    return image
 
 
 def plot_strategy_curves(
@@ -63,25 +97,52 @@ def plot_strategy_curves(
         Figure title (the setup).
     curves : mapping
         ``curves[strategy][key]`` is a (seeds, rounds) array, NaN where a round did
-        not measure ``key``; keys are those of :data:`CURVE_PANELS`.
+        not measure ``key``; keys are those of :data:`CURVE_PANELS` (a missing key
+        leaves its panel empty). Rounds measured only sometimes (the global test) are
+        drawn as points joined over the gaps.
     path : Path
         Where to write the PNG.
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(16, 4.2))
+    colours = strategy_colours(list(curves))
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(5 * len(CURVE_PANELS), 4.4))
     for strategy, by_key in curves.items():
-        for ax, (key, label) in zip(axes, CURVE_PANELS, strict=True):
+        for ax, (key, _, _) in zip(axes, CURVE_PANELS, strict=True):
+            if key not in by_key:
+                continue
             values = np.asarray(by_key[key], dtype=float)
             rounds = np.arange(1, values.shape[1] + 1)
             with warnings.catch_warnings():  # a round (or run) without the key: a gap
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
-            ax.plot(rounds, mean, label=strategy)
-            ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
-            ax.set_title(label)
-            ax.set_xlabel("round")
-    axes[0].legend()
-    fig.suptitle(title, fontsize=10)
+            seen = np.isfinite(mean)
+            sparse = seen.sum() < 0.5 * len(seen)
+            ax.plot(
+                rounds[seen],
+                mean[seen],
+                label=f"{strategy} ({values.shape[0]})",
+                color=colours[strategy],
+                marker="o" if sparse else None,
+                markersize=4,
+            )
+            ax.fill_between(
+                rounds[seen],
+                (mean - std)[seen],
+                (mean + std)[seen],
+                alpha=0.15,
+                color=colours[strategy],
+                linewidth=0,
+            )
+    for ax, (_, label, share) in zip(axes, CURVE_PANELS, strict=True):
+        ax.set_title(label, fontsize=10)
+        _integer_rounds(ax)
+        if share:
+            from matplotlib.ticker import PercentFormatter
+
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, title="strategy (seeds); band: ± std", title_fontsize=8)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -91,13 +152,94 @@ def plot_strategy_curves(
 def plot_load_heatmaps(
     title: str, loads: Mapping[str, tuple[str, Sequence[Sequence[int]]]], path: Path
 ) -> Path:
-    """Plot one expert-load heatmap per panel: ``loads[name] = (caption, loads per round)``."""
+    """Plot one expert-load heatmap per panel on ONE colour scale, with one colour bar.
+
+    ``loads[name] = (caption, loads per round)``. The scale runs from 0 to the largest
+    load of any panel, so a balanced and a skewed assignment compare at a glance.
+    """
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(loads), figsize=(4 * len(loads), 3.4), squeeze=False)
+    vmax = max(
+        (float(np.max(per_round)) for _, per_round in loads.values() if len(per_round)), default=1.0
+    )
+    fig, axes = plt.subplots(
+        1,
+        len(loads),
+        figsize=(3.6 * len(loads) + 1.2, 3.6),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    image = None
     for ax, (caption, per_round) in zip(axes[0], loads.values(), strict=True):
-        draw_load_heatmap(ax, per_round)
-        ax.set_title(caption)
-    fig.suptitle(f"Expert load over rounds — {title}", fontsize=10)
+        image = draw_load_heatmap(ax, per_round, vmin=0.0, vmax=vmax, colorbar=False)
+        ax.set_title(caption, fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[0]), label="clients holding the expert", shrink=0.9)
+    fig.suptitle(f"Expert load per round — {title}", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_comparisons(
+    differences: Mapping[str, Sequence[Any]],
+    metric_names: Mapping[str, str],
+    path: Path,
+    unscaled: Sequence[str] = (),
+) -> Path:
+    """Plot reference − other with its confidence interval, one row per (setup, other).
+
+    ``differences[setup]`` holds objects with ``other``, ``metric``, ``mean``, ``low``
+    and ``high``; one panel per metric. Accuracy shares are drawn in points, metrics
+    in ``unscaled`` (a load CV) as they are.
+    """
+    plt = _pyplot()
+    metrics = list(dict.fromkeys(d.metric for diffs in differences.values() for d in diffs))
+    rows = list(
+        dict.fromkeys((setup, d.other) for setup, diffs in differences.items() for d in diffs)
+    )
+    fig, axes = plt.subplots(
+        1,
+        len(metrics),
+        figsize=(3 + 4 * len(metrics), 1.4 + 0.3 * len(rows)),
+        squeeze=False,
+        sharey=True,
+    )
+    colours = strategy_colours(list(dict.fromkeys(other for _, other in rows)))
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        scale = 1.0 if metric in unscaled else 100.0
+        for y, (setup, other) in enumerate(rows):
+            match = [d for d in differences[setup] if d.other == other and d.metric == metric]
+            if not match or not np.isfinite(match[0].mean):
+                continue
+            d = match[0]
+            low, high = (d.low, d.high) if np.isfinite(d.low) else (d.mean, d.mean)
+            ax.errorbar(
+                scale * d.mean,
+                y,
+                xerr=[[scale * (d.mean - low)], [scale * (high - d.mean)]],
+                fmt="o",
+                color=colours[other],
+                capsize=3,
+            )
+        ax.axvline(0, color="black", linewidth=0.8)
+        unit = "" if metric in unscaled else " (points)"
+        ax.set_xlabel(f"FLEX-MoE − other\n{metric_names.get(metric, metric)}{unit}", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    # one setup: the strategies name the rows; several: "dataset · partition | strategy"
+    several = len(differences) > 1
+    axes[0][0].set_yticks(range(len(rows)))
+    axes[0][0].set_yticklabels(
+        [
+            f"{' · '.join(setup.split(' · ')[:2])} | {other}" if several else other
+            for setup, other in rows
+        ],
+        fontsize=8,
+    )
+    axes[0][0].invert_yaxis()
+    title = "Paired per-seed differences, 95 % Student-t confidence intervals"
+    if not several:
+        title += "\n" + next(iter(differences))
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -33,6 +33,11 @@ class EvalResult:
     expert_usage: dict[int, int]
 
 
+def round_lr(lr: float, decay: float, server_round: int) -> float:
+    """Return the learning rate of ``server_round``: lr * decay^(round - 1)."""
+    return lr * decay ** (server_round - 1)
+
+
 def resolve_device(spec: str = "auto") -> torch.device:
     """Return CUDA when asked for or available under ``auto``, else the CPU."""
     if spec == "auto":

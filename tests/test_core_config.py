@@ -31,7 +31,7 @@ def test_default_run_matches_the_issue() -> None:
 def test_every_preset_composes(preset: str) -> None:
     cfg = load_config(f"experiment={preset} strategy=greedy")
     scale = preset.split("_")[0]
-    assert cfg.model.backbone == {"cpu": "cnn", "paper": "resnet18"}[scale]
+    assert cfg.model.backbone == {"cpu": "cnn", "cmp": "cnn", "paper": "resnet18"}[scale]
     assert cfg.strategy.name == "greedy" and cfg.model.num_experts == 8
     assert cfg.dataset.name == preset.split("_")[1]
 

@@ -70,14 +70,16 @@ def test_report_means_and_stds_over_seeds(tmp_path: Path) -> None:
     (setup,) = table
     flex = table[setup]["flexmoe"]
     assert flex["seeds"] == [0, 1]
-    np.testing.assert_allclose(flex["final_local_acc"], (0.8, 0.1))
-    np.testing.assert_allclose(flex["best_local_acc"], (0.8, 0.1))
-    np.testing.assert_allclose(flex["load_cv"], (0.05, 0.05))
+    # sample standard deviation over seeds: sqrt(((0.7-0.8)^2 + (0.9-0.8)^2) / 1)
+    np.testing.assert_allclose(flex["final_local_acc"], (0.8, np.sqrt(0.02)))
+    np.testing.assert_allclose(flex["best_local_acc"], (0.8, np.sqrt(0.02)))
+    np.testing.assert_allclose(flex["load_cv"], (0.05, np.sqrt(0.005)))
     np.testing.assert_allclose(table[setup]["greedy"]["mb_per_round"], (2.0, 0.0))
     markdown = (tmp_path / "report" / "results.md").read_text()
-    assert "| flexmoe | 2 | 80.0 ± 10.0 |" in markdown
+    assert "| flexmoe | 2 | 80.0 ± 14.1 |" in markdown
     assert (tmp_path / "report" / "results.csv").read_text().count("\n") == 3
-    assert len(list((tmp_path / "report").glob("*.png"))) == 2
+    # curves and heatmaps of the setup, and the paired differences
+    assert len(list((tmp_path / "report").glob("*.png"))) == 3
 
 
 def test_failed_and_unfinished_runs_are_listed_not_counted(tmp_path: Path) -> None:
