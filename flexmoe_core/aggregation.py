@@ -151,6 +151,23 @@ class InfluenceReport:
         """Return the clients whose influence was bounded, sorted."""
         return sorted(set(self.examples) | set(self.usage) | set(self.clipped))
 
+    def describe(self, client: int) -> str:
+        """Say what was bounded for ``client``, on one line (for the log and the records).
+
+        E.g. ``examples 1e+15 counted as 1000; usage of expert 3 1e+09 -> 100;
+        backbone delta clipped x0.003``.
+        """
+        parts = []
+        if client in self.examples:
+            reported, counted = self.examples[client]
+            parts.append(f"examples {reported:.4g} counted as {counted:.4g}")
+        for expert, (reported, counted) in sorted(self.usage.get(client, {}).items()):
+            parts.append(f"usage of expert {expert} {reported:.4g} -> {counted:.4g}")
+        for group, scale in sorted(self.clipped.get(client, {}).items(), key=lambda g: str(g[0])):
+            name = "backbone" if group == BACKBONE else f"expert {group}"
+            parts.append(f"{name} delta clipped x{scale:.3g}")
+        return "; ".join(parts)
+
 
 # ------------------------------------------------------------------ weights
 def low_median(values: Sequence[float]) -> float:
