@@ -56,6 +56,9 @@ from .model import split_expert_key
 METHODS = ("mean", "median", "trimmed_mean")
 WEIGHTINGS = ("usage", "num_examples")
 BACKBONE = "backbone"
+# BatchNorm running variances: a negative one (finite, so past the NaN check) makes
+# every client's evaluation NaN; updates with one are refused.
+VARIANCE_SUFFIX = "running_var"
 
 
 @dataclass
@@ -428,8 +431,8 @@ def check_update(
     """Return what is wrong with a client's update (empty if it can be aggregated).
 
     Checks that it carries exactly the backbone and its assigned experts, with the
-    global shapes and dtypes, finite values, a positive example count, and feedback
-    for every assigned expert.
+    global shapes and dtypes, finite values, no negative BatchNorm variance, a
+    positive example count, and feedback for every assigned expert.
     """
     problems: list[str] = []
     assigned_set = {int(e) for e in assigned}
@@ -454,6 +457,8 @@ def check_update(
             )
         elif np.issubdtype(got.dtype, np.floating) and not np.isfinite(got).all():
             problems.append(f"{name}: contains NaN or Inf")
+        elif name.endswith(VARIANCE_SUFFIX) and (got < 0).any():
+            problems.append(f"{name}: a negative variance")
     if update.num_examples <= 0:
         problems.append(f"num_examples={update.num_examples} must be positive")
     if missing_fb := sorted(assigned_set - set(update.feedback)):

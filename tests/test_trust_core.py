@@ -14,9 +14,10 @@ import pytest
 from test_round_state import config, initial_arrays, reply_to
 
 from flexmoe_core import protocol as proto
+from flexmoe_core.aggregation import ClientUpdate, check_update
 from flexmoe_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from flexmoe_core.fitness import ExpertFeedback
-from flexmoe_core.privacy import epsilon
+from flexmoe_core.privacy import PrivacyPolicy, epsilon, private_aggregate
 from flexmoe_core.results import CLAIM_FILE, METRICS_FILE, RunDirError, make_run_dir
 from flexmoe_core.round_state import ClientReply, RoundResults, RoundState, RunFailedError
 
@@ -251,3 +252,19 @@ def test_truncated_checkpoint_is_reported_not_raised_raw(tmp_path: Path) -> None
         path.write_bytes(data[:size])
         with pytest.raises(CheckpointError, match="truncated or corrupted"):
             load_checkpoint(path)
+
+
+def test_negative_batchnorm_variances_are_refused_and_never_released() -> None:
+    """A finite negative variance passes the NaN check but makes every output NaN."""
+    reference = {
+        "backbone.bn.running_var": np.ones(4, np.float32),
+        "experts.0.w": np.zeros(3, np.float32),
+    }
+    arrays = {**reference, "backbone.bn.running_var": np.array([1, -2, 1, 1], np.float32)}
+    update = ClientUpdate(0, arrays, 10, {0: ExpertFeedback(5.0, 0.5, 0.1)})
+    assert check_update(update, reference, [0]) == ["backbone.bn.running_var: a negative variance"]
+    policy = PrivacyPolicy(clip_norm=1.0, noise_multiplier=50.0)
+    honest = ClientUpdate(0, dict(reference), 10, {0: ExpertFeedback(5.0, 0.5, 0.1)})
+    released = private_aggregate(reference, [honest], policy, np.random.default_rng(0))
+    assert (released.arrays["backbone.bn.running_var"] >= 0).all()
+    assert (released.arrays["experts.0.w"] < 0).any()  # other arrays are not clamped
