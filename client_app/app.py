@@ -189,10 +189,17 @@ def node_info(cfg: DictConfig, context: Context) -> ConfigRecord:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Answer the server's capacity query (before round 1, or when the node appears later)."""
+    """Answer the server's capacity query (before round 1, or when the node appears later).
+
+    The answer declares the node's training examples: the most its example count may
+    weigh in an aggregation. Loading the data here also makes a missing or unreadable
+    dataset a refusal before round 1, with its reason, not a failure in every round.
+    """
     cfg = run_config(msg)
     node(context).check_data_location()
-    return Message(RecordDict({proto.INFO: node_info(cfg, context)}), reply_to=msg)
+    info = node_info(cfg, context)
+    info[proto.NUM_EXAMPLES] = len(client_data(cfg, context).train)
+    return Message(RecordDict({proto.INFO: info}), reply_to=msg)
 
 
 @app.train()

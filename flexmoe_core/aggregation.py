@@ -56,6 +56,9 @@ from .model import split_expert_key
 METHODS = ("mean", "median", "trimmed_mean")
 WEIGHTINGS = ("usage", "num_examples")
 BACKBONE = "backbone"
+# BatchNorm running variances: a negative one (finite, so past the NaN check) makes
+# every client's evaluation NaN; updates with one are refused.
+VARIANCE_SUFFIX = "running_var"
 
 
 @dataclass
@@ -150,6 +153,23 @@ class InfluenceReport:
     def clients(self) -> list[int]:
         """Return the clients whose influence was bounded, sorted."""
         return sorted(set(self.examples) | set(self.usage) | set(self.clipped))
+
+    def describe(self, client: int) -> str:
+        """Say what was bounded for ``client``, on one line (for the log and the records).
+
+        E.g. ``examples 1e+15 counted as 1000; usage of expert 3 1e+09 -> 100;
+        backbone delta clipped x0.003``.
+        """
+        parts = []
+        if client in self.examples:
+            reported, counted = self.examples[client]
+            parts.append(f"examples {reported:.4g} counted as {counted:.4g}")
+        for expert, (reported, counted) in sorted(self.usage.get(client, {}).items()):
+            parts.append(f"usage of expert {expert} {reported:.4g} -> {counted:.4g}")
+        for group, scale in sorted(self.clipped.get(client, {}).items(), key=lambda g: str(g[0])):
+            name = "backbone" if group == BACKBONE else f"expert {group}"
+            parts.append(f"{name} delta clipped x{scale:.3g}")
+        return "; ".join(parts)
 
 
 # ------------------------------------------------------------------ weights
@@ -411,8 +431,8 @@ def check_update(
     """Return what is wrong with a client's update (empty if it can be aggregated).
 
     Checks that it carries exactly the backbone and its assigned experts, with the
-    global shapes and dtypes, finite values, a positive example count, and feedback
-    for every assigned expert.
+    global shapes and dtypes, finite values, no negative BatchNorm variance, a
+    positive example count, and feedback for every assigned expert.
     """
     problems: list[str] = []
     assigned_set = {int(e) for e in assigned}
@@ -437,6 +457,8 @@ def check_update(
             )
         elif np.issubdtype(got.dtype, np.floating) and not np.isfinite(got).all():
             problems.append(f"{name}: contains NaN or Inf")
+        elif name.endswith(VARIANCE_SUFFIX) and (got < 0).any():
+            problems.append(f"{name}: a negative variance")
     if update.num_examples <= 0:
         problems.append(f"num_examples={update.num_examples} must be positive")
     if missing_fb := sorted(assigned_set - set(update.feedback)):

@@ -24,6 +24,7 @@ import io
 import json
 import os
 import re
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ RESUMABLE_CHANGES = (
     "run_name",
     "num_rounds",
     "train.device",
+    "faults.max_failed_rounds",
 )
 
 _MODEL_PREFIX = "model:"
@@ -168,8 +170,14 @@ def load_checkpoint(path: str | os.PathLike[str]) -> ServerCheckpoint:
                 for k in data.files
                 if k.startswith(_MODEL_PREFIX)
             }
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint: {err}") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        # A truncated or corrupted file (e.g. copied while being written elsewhere):
+        # the writer replaces it atomically, so it was not written by this run.
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {err}); it is "
+            "truncated or corrupted. Restore a good copy, or start a new run (drop "
+            "checkpoint.resume or give another run_name)"
+        ) from None
     if (version := meta.get("format_version")) != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} is a checkpoint of format {version!r}, written by an earlier version "

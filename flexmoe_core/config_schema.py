@@ -284,6 +284,12 @@ SETTINGS: tuple[Setting, ...] = (
     S("faults.crash_prob", "float", meaning="injected crash probability"),
     S("faults.straggle_prob", "float", meaning="injected straggler probability"),
     S("faults.straggle_s", "float", meaning="delay of an injected straggler"),
+    S(
+        "faults.max_failed_rounds",
+        "int",
+        "[0, inf)",
+        meaning="rounds without an accepted update before the run stops, 0: never",
+    ),
     S("faults", "mapping", meaning="failure injection", check=_faults),
     S("checkpoint.enabled", "bool", meaning="write checkpoint.npz every round"),
     S(

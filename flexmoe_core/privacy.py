@@ -19,7 +19,8 @@ average is therefore ``sigma * C / n_e``: calibrated to how many clients held it
 expert nobody held is not released (keeps its value) and gets no noise. Averages are
 unweighted (weights would scale a client's contribution past C); integer buffers
 (BatchNorm ``num_batches_tracked``, which would reveal how many batches a client ran)
-keep their global value.
+keep their global value. Released BatchNorm variances are clamped at 0 (noise can
+make them negative; post-processing does not change the guarantee).
 
 Accounting
 ----------
@@ -54,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from .aggregation import BACKBONE, ClientUpdate, group_of
+from .aggregation import BACKBONE, VARIANCE_SUFFIX, ClientUpdate, group_of
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,12 @@ def private_aggregate(
         noisy_sum = np.sum(contributions, axis=0) + rng.normal(
             0.0, policy.noise_std, size=reference.shape
         )
-        result.arrays[name] = (reference + noisy_sum / count).astype(reference.dtype)
+        released = reference + noisy_sum / count
+        if name.endswith(VARIANCE_SUFFIX):
+            # Noise can push a BatchNorm variance below 0, which makes the model's
+            # output NaN; clamping is post-processing, so the guarantee is unchanged.
+            released = np.maximum(released, 0.0)
+        result.arrays[name] = released.astype(reference.dtype)
         result.contributors[group] = count
         result.noise_std[group] = policy.noise_std / count
     return result

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -36,6 +36,122 @@ NUM_PARTITIONS = "num-partitions"  # the partition count of a simulated node's n
 NUM_EXAMPLES = "num-examples"
 
 SPLITS = ("local", "global")
+TRAIN_LOSS = "train-loss"
+TRAIN_ACC = "train-acc"
+
+# Largest example count taken from a reply: counts above it lose integer precision
+# as floats (an honest client holds far fewer).
+MAX_EXAMPLES = 2**53
+# Errors a malformed reply field can raise while it is read (a missing key, a value
+# of the wrong type, a string, an infinite float turned into an int, a record of the
+# wrong kind): each is turned into a named failure of the node, never a crash.
+DECODE_ERRORS = (KeyError, TypeError, ValueError, OverflowError, AttributeError)
+
+
+# ------------------------------------------------------------- single values
+def number(value: Any, name: str) -> float:
+    """Return ``value`` as a float if it is a real number (not a bool, string or list).
+
+    Raises
+    ------
+    ValueError
+        If it is not a real number.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name}={value!r} is not a number")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name}={value!r} is out of range") from None
+
+
+def count(value: Any, name: str, low: int = 0, high: int = MAX_EXAMPLES) -> int:
+    """Return ``value`` as an int if it is a whole number in ``[low, high]``.
+
+    Raises
+    ------
+    ValueError
+        If it is not a number, not finite, not whole, or out of range.
+    """
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        whole = int(value)
+    else:
+        x = number(value, name)
+        if not math.isfinite(x) or not x.is_integer():
+            raise ValueError(f"{name}={value!r} is not a whole number")
+        whole = int(x)
+    if not low <= whole <= high:
+        raise ValueError(f"{name}={value!r} is not in [{low}, {high}]")
+    return whole
+
+
+def score(value: Any, name: str, accuracy: bool) -> float:
+    """Return a loss (finite, >= 0) or an accuracy (in [0, 1]).
+
+    Raises
+    ------
+    ValueError
+        If the value is not a number or out of its range (NaN included).
+    """
+    x = number(value, name)
+    if accuracy and not 0.0 <= x <= 1.0:
+        raise ValueError(f"{name}={value!r} is not an accuracy in [0, 1]")
+    if not accuracy and not (math.isfinite(x) and x >= 0.0):
+        raise ValueError(f"{name}={value!r} is not a finite loss >= 0")
+    return x
+
+
+# --------------------------------------------------------------- node info
+class NodeInfo(NamedTuple):
+    """What a node says about itself (query reply; capacity also in train replies)."""
+
+    key: int  # the client key it claims
+    capacity: object  # as sent: checked by the roster against E
+    num_partitions: int | None  # simulation: the partition count of its node config
+    num_examples: int | None  # its training examples (query reply), if declared
+
+
+def decode_info(record: Mapping[str, Any]) -> NodeInfo:
+    """Parse an ``info`` record.
+
+    Raises
+    ------
+    ValueError
+        If the client key is missing or not a whole number >= 0, or a partition count
+        or example count is present but not a whole number >= 1.
+    """
+    try:
+        key = count(record[CLIENT_KEY], CLIENT_KEY, high=2**64)
+        capacity = record[CAPACITY]
+    except KeyError as err:
+        raise ValueError(f"info lacks {err}") from None
+    partitions, examples = record.get(NUM_PARTITIONS), record.get(NUM_EXAMPLES)
+    return NodeInfo(
+        key,
+        capacity,
+        None if partitions is None else count(partitions, NUM_PARTITIONS, low=1),
+        None if examples is None else count(examples, NUM_EXAMPLES, low=1),
+    )
+
+
+def decode_train_metrics(record: Mapping[str, Any]) -> tuple[int, float, float]:
+    """Return (examples, training loss, training accuracy) of a train reply's metrics.
+
+    Raises
+    ------
+    ValueError
+        If a value is missing, not a number, or out of range: examples must be a whole
+        number in [1, 2^53] (how much the count may weigh is the aggregation's bound,
+        :func:`flexmoe_core.aggregation.bounded_counts`).
+    """
+    try:
+        return (
+            count(record[NUM_EXAMPLES], NUM_EXAMPLES, low=1),
+            score(record[TRAIN_LOSS], TRAIN_LOSS, accuracy=False),
+            score(record[TRAIN_ACC], TRAIN_ACC, accuracy=True),
+        )
+    except KeyError as err:
+        raise ValueError(f"metrics lack {err}") from None
 
 
 def arrays_to_numpy(record: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -69,6 +185,8 @@ def decode_feedback(record: Mapping[str, Any]) -> dict[int, ExpertFeedback]:
         columns = [list(record[key]) for key in ("experts", "usage", "accuracy", "loss")]
     except KeyError as err:
         raise ValueError(f"feedback lacks {err}") from None
+    except TypeError:
+        raise ValueError("feedback values are not lists") from None
     if len({len(c) for c in columns}) != 1:
         raise ValueError("feedback lists differ in length")
     experts, usage, accuracy, loss = columns
@@ -76,9 +194,15 @@ def decode_feedback(record: Mapping[str, Any]) -> dict[int, ExpertFeedback]:
         raise ValueError(f"feedback repeats experts {experts}")
     out = {}
     for e, u, a, ell in zip(experts, usage, accuracy, loss, strict=True):
-        if not all(math.isfinite(float(v)) for v in (u, a, ell)):
+        values = [number(v, f"feedback of expert {e}") for v in (u, a, ell)]
+        if not all(math.isfinite(v) for v in values):
             raise ValueError(f"feedback for expert {e} is not finite")
-        out[int(e)] = ExpertFeedback(float(u), float(a), float(ell))
+        if values[0] < 0 or not 0.0 <= values[1] <= 1.0 or values[2] < 0:
+            raise ValueError(
+                f"feedback for expert {e} is out of range (usage {u} >= 0, accuracy {a} "
+                f"in [0, 1], loss {ell} >= 0)"
+            )
+        out[count(e, "feedback expert", high=2**31)] = ExpertFeedback(*values)
     return out
 
 
@@ -96,18 +220,19 @@ def decode_evaluation(record: Mapping[str, Any]) -> dict[str, tuple[int, float, 
     Raises
     ------
     ValueError
-        If a split lacks a value, or a value is not finite or out of range.
+        If a split lacks a value, or a value is not a number or out of range (examples
+        a whole number >= 0, loss finite >= 0, accuracy in [0, 1]; NaN is refused).
     """
     out = {}
     for split in SPLITS:
         if f"{split}-num" not in record:
             continue
         try:
-            num = int(record[f"{split}-num"])
-            loss, accuracy = float(record[f"{split}-loss"]), float(record[f"{split}-acc"])
+            out[split] = (
+                count(record[f"{split}-num"], f"{split}-num"),
+                score(record[f"{split}-loss"], f"{split}-loss", accuracy=False),
+                score(record[f"{split}-acc"], f"{split}-acc", accuracy=True),
+            )
         except KeyError as err:
             raise ValueError(f"evaluation lacks {err}") from None
-        if num < 0 or not (math.isfinite(loss) and 0.0 <= accuracy <= 1.0):
-            raise ValueError(f"evaluation of the {split} split is out of range")
-        out[split] = (num, loss, accuracy)
     return out

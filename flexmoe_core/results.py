@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
+import itertools
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -19,23 +22,88 @@ MODEL_FILE = "final_model.npz"
 SUMMARY_FILE = "summary.json"
 
 
+class RunDirError(ValueError):
+    """The run's output folder cannot be made or is in use by another run."""
+
+
+# Each run holds an exclusive lock on this file in its folder while it runs (the
+# operating system drops it when the process ends): two runs started at once with the
+# same run_name cannot both claim a folder, and a folder left by a killed run is free.
+CLAIM_FILE = ".run.lock"
+_claims: dict[Path, int] = {}  # run folder -> the open, locked claim file
+
+
+def _output_root(root: str | os.PathLike[str]) -> Path:
+    base = Path(root).expanduser().resolve()
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise RunDirError(
+            f"output_root={str(root)!r}: {err.filename or base} is a file, not a folder; "
+            "set output_root to a folder (it is created if missing)"
+        ) from None
+    except OSError as err:
+        raise RunDirError(
+            f"output_root={str(root)!r}: cannot create {base} ({err.strerror}); set "
+            "output_root to a folder you can write to"
+        ) from None
+    return base
+
+
+def claim_run_dir(run_dir: Path) -> bool:
+    """Lock ``run_dir`` for this run; return False if another live run holds it.
+
+    Atomic: of two runs claiming one folder at once, exactly one gets it. The claim is
+    released by :func:`release_run_dir` or when the process ends.
+    """
+    if run_dir in _claims:
+        return False  # claimed by an earlier run in this process
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / CLAIM_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+    except (FileExistsError, NotADirectoryError):
+        return False  # a file of that name is in the way
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode())
+    _claims[run_dir] = fd
+    return True
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Release this process's claim of ``run_dir`` (the file stays, unlocked)."""
+    if (fd := _claims.pop(run_dir, None)) is not None:
+        os.close(fd)
+
+
 def make_run_dir(cfg: DictConfig, root: str | os.PathLike[str] | None = None) -> Path:
-    """Create and return the run's absolute output directory.
+    """Create, claim and return the run's absolute output directory.
 
     ``<output_root>/<run_name>``; a relative root is resolved against the current
-    working directory (for ``flwr run`` that is where the SuperLink was started).
+    working directory (for ``flwr run`` that is where the SuperLink was started). A
+    folder that holds another run's results, or that a running run has claimed, is
+    not reused: the name gets a suffix (``-2``, ``-3``, ...).
+
+    Raises
+    ------
+    RunDirError
+        If ``output_root`` is a file or cannot be created.
     """
-    base = Path(root if root is not None else cfg.output_root).expanduser().resolve()
+    base = _output_root(root if root is not None else cfg.output_root)
     name = cfg.get("run_name") or (
         f"{dt.datetime.now():%Y%m%d-%H%M%S}_{cfg.strategy.name}_{cfg.dataset.name}"
     )
-    run_dir = base / str(name)
-    suffix = 1
-    while (run_dir / METRICS_FILE).exists():  # never mix two runs' results
-        suffix += 1
-        run_dir = base / f"{name}-{suffix}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    for suffix in itertools.count(1):
+        run_dir = base / (str(name) if suffix == 1 else f"{name}-{suffix}")
+        if (run_dir / METRICS_FILE).exists():  # never mix two runs' results
+            continue
+        if claim_run_dir(run_dir):
+            return run_dir
+    raise AssertionError("unreachable")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

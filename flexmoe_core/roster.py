@@ -44,6 +44,9 @@ class Member:
         not sampled until it answers again.
     num_partitions : int or None
         The partition count its node config declares (simulation), if any.
+    num_examples : int or None
+        The training examples it declared when it claimed its key: its example count
+        in an aggregation counts at most this (:mod:`flexmoe_core.aggregation`).
     """
 
     key: int
@@ -51,6 +54,7 @@ class Member:
     holder: Hashable | None = None
     responsive: bool = True
     num_partitions: int | None = None
+    num_examples: int | None = None
 
 
 @dataclass(frozen=True)
@@ -100,11 +104,14 @@ class Roster:
         capacity: object,
         connected: Collection[Hashable],
         num_partitions: int | None = None,
+        num_examples: int | None = None,
     ) -> Admission:
         """Bind ``key`` to ``holder`` if the rules allow it (see the module docstring).
 
         ``capacity`` is checked here (an integer in [1, E]); ``connected`` holds the
-        holders the federation lists as connected now.
+        holders the federation lists as connected now; ``num_examples`` is the
+        training examples the client declares (None: it declares none, and is bounded
+        by the round's median rule only).
         """
         key = int(key)
         try:
@@ -137,7 +144,7 @@ class Roster:
             status = "kept" if member.holder == holder else "rejoined"
             member.capacity = capacity
         member.holder, member.responsive = holder, True
-        member.num_partitions = num_partitions
+        member.num_partitions, member.num_examples = num_partitions, num_examples
         self._key_of[holder] = key
         return Admission(status, key)
 
@@ -203,6 +210,10 @@ class Roster:
         """Return the capacity of every key (or of ``keys``), in key order."""
         chosen = sorted(self.members) if keys is None else list(keys)
         return {k: self.members[k].capacity for k in chosen}
+
+    def declared_examples(self, keys: Iterable[int]) -> dict[int, int]:
+        """Return the example counts the clients ``keys`` declared (those that did)."""
+        return {k: n for k in keys if (n := getattr(self.members.get(k), "num_examples", None))}
 
     def num_partitions(self) -> set[int]:
         """Return the partition counts the members' node configs declare."""

@@ -18,32 +18,50 @@ Round t:
    the fitness table, completes round t-1's record with the evaluations and makes the
    record of round t. A record is *finished* (ready for ``metrics.jsonl``) once its
    evaluation is in; the last round's comes from :meth:`final_evaluation`.
+
+Aggregation bounds every client's influence (:func:`~flexmoe_core.aggregation.aggregate_bounded`,
+``aggregation.*``), or, with ``privacy.enabled``, clips and noises the updates
+(:func:`~flexmoe_core.privacy.private_aggregate`, noise seeded by the seed and the
+round: a resumed run draws the same noise). A run in which no update is accepted for
+``faults.max_failed_rounds`` consecutive rounds stops with :class:`RunFailedError`,
+quoting the clients' reasons, before that round changes any state.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
 
-from .aggregation import ClientUpdate, aggregate, check_update
+from .aggregation import AggregationPolicy, ClientUpdate, aggregate_bounded, check_update
 from .allocation import Allocation, make_allocator, update_deficit
 from .checkpoint import ServerCheckpoint
 from .config import to_container
 from .fitness import FitnessTable
 from .metrics import LoadTracker, summarise_evaluations
 from .model import split_expert_key
+from .privacy import PrivacyPolicy, epsilon, private_aggregate
 
 # Round-record keys that measure time: they differ between two runs of the same
 # computation, so equality checks (e.g. of a resumed run) leave them out.
 TIMING_KEYS = ("allocation_time_s", "server_time_s", "round_time_s")
 
 NO_REPLY = "no reply within the round timeout"
+# Third word of the DP noise's seed ([seed, round, DP_STREAM]): a stream of its own,
+# apart from the sampling's ([seed, round]).
+DP_STREAM = 0xD1FF
+# Distinct failure reasons quoted when a run stops for lack of accepted updates.
+QUOTED_REASONS = 5
+
+
+class RunFailedError(RuntimeError):
+    """The run cannot make progress (e.g. no client's update accepted for N rounds)."""
 
 
 def evaluates_in(server_round: int, every: int, num_rounds: int) -> bool:
@@ -120,15 +138,22 @@ class RoundResults:
     bytes_received: dict[int, int] = field(default_factory=dict)
     wall_time_s: float = 0.0
     server_time_s: float = 0.0  # the adapter's own share (encoding, decoding)
+    # Training examples the participants declared when they joined (the roster's):
+    # the most their example counts may weigh in the aggregation.
+    declared_examples: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
 class RoundOutcome:
-    """The closed round: who was accepted, who failed and why, finished records."""
+    """The closed round: who was accepted, who failed and why, finished records.
+
+    ``bounded`` says, per accepted client, what the aggregation's bounds cut.
+    """
 
     accepted: list[int]
     failures: dict[int, str]
     finished: list[dict[str, Any]]
+    bounded: dict[int, str] = field(default_factory=dict)
 
 
 class RoundState:
@@ -154,6 +179,8 @@ class RoundState:
             alpha=cfg.fitness.alpha,
         )
         self.global_arrays = dict(initial_arrays)
+        self.policy = AggregationPolicy.from_config(cfg)
+        self.privacy = PrivacyPolicy.from_config(cfg)
         self.deficit = np.zeros(self.num_experts)
         self.loads = LoadTracker(self.num_experts)
         self.history: list[dict[str, Any]] = []  # finished records
@@ -243,6 +270,12 @@ class RoundState:
         :func:`~flexmoe_core.aggregation.check_update` rejects is left out: its experts
         keep their values unless another holder returned them, its fitness row is
         untouched, and its evaluation is not counted.
+
+        Raises
+        ------
+        RunFailedError
+            If no update is accepted in this round and the ``faults.max_failed_rounds
+            - 1`` before it; the state is left as it was after the previous round.
         """
         if not plan.trains:
             return RoundOutcome([], dict(results.failures), self._close_evaluation(results))
@@ -258,10 +291,10 @@ class RoundState:
             accepted.append(reply)
         done = set(failures) | {r.key for r in accepted}
         failures.update({k: NO_REPLY for k in plan.experts if k not in done})
+        if not accepted:
+            self._stop_if_stalled(plan.round, failures)
         updates = [r.update for r in accepted if r.update is not None]
-        self.global_arrays = aggregate(
-            self.global_arrays, updates, self.cfg.aggregation.expert_weighting
-        )
+        trust = self._aggregate(plan.round, updates, results.declared_examples)
         routed = np.zeros(self.num_experts)
         for update in updates:
             self.fitness.update(update.client_id, update.feedback)
@@ -275,6 +308,7 @@ class RoundState:
             finished.append(self._complete(self.pending, evaluations))
             self.pending = None
         record = self._record(plan, results, failures, updates, accepted, routed)
+        record.update(trust)
         record["server_time_s"] += time.perf_counter() - start
         every = int(self.cfg.evaluate.every)
         if evaluates_in(plan.round, every, int(self.cfg.num_rounds)):
@@ -283,7 +317,57 @@ class RoundState:
             finished.append(record)
         self.history.extend(finished)
         self.completed_round = plan.round
-        return RoundOutcome([r.key for r in accepted], dict(sorted(failures.items())), finished)
+        if self.privacy is not None:
+            record["dp_epsilon"] = self.dp_epsilon(self.records())
+        bounded = {int(k): why for k, why in trust.get("bounded", {}).items()}
+        return RoundOutcome(
+            [r.key for r in accepted], dict(sorted(failures.items())), finished, bounded
+        )
+
+    def _aggregate(
+        self, server_round: int, updates: list[ClientUpdate], declared: Mapping[int, int]
+    ) -> dict[str, Any]:
+        """Replace the global arrays by the round's aggregate; return record entries.
+
+        ``bounded``: what the bounds cut, per client key (only when they cut); with
+        privacy, ``dp_noise_std``: the noise std on each released group's average.
+        """
+        if self.privacy is not None:
+            rng = np.random.default_rng([int(self.cfg.seed), server_round, DP_STREAM])
+            private = private_aggregate(self.global_arrays, updates, self.privacy, rng)
+            self.global_arrays = private.arrays
+            return {"dp_noise_std": {str(g): std for g, std in private.noise_std.items()}}
+        result = aggregate_bounded(self.global_arrays, updates, self.policy, declared)
+        self.global_arrays = result.arrays
+        if not (clients := result.report.clients()):
+            return {}
+        return {"bounded": {str(c): result.report.describe(c) for c in clients}}
+
+    def _stop_if_stalled(self, server_round: int, failures: Mapping[int, str]) -> None:
+        """Stop the run if this round ends ``max_failed_rounds`` without an accepted update.
+
+        ``faults.max_failed_rounds=0``: never.
+        """
+        limit = int(self.cfg.faults.get("max_failed_rounds", 0) or 0)
+        streak: list[Mapping[Any, str]] = [failures]
+        for record in reversed(self.records()):
+            if len(streak) >= limit or record.get("accepted", 1) > 0:
+                break
+            streak.append(record["failures"])
+        if limit <= 0 or len(streak) < limit:
+            return
+        raise RunFailedError(stalled_message(server_round, streak))
+
+    def dp_epsilon(self, records: Sequence[Mapping[str, Any]]) -> float:
+        """Return epsilon after the training rounds of ``records`` (privacy enabled).
+
+        The sampling rate q is the largest share of available clients any of those
+        rounds sampled (the accountant takes one q; a larger one is conservative).
+        """
+        assert self.privacy is not None
+        rates = [r["participants"] / max(r["clients_available"], 1) for r in records]
+        rate = min(max(rates, default=1.0), 1.0)
+        return epsilon(self.privacy.noise_multiplier, rate, len(records), self.privacy.delta)
 
     def _close_evaluation(self, results: RoundResults) -> list[dict[str, Any]]:
         if self.pending is None:
@@ -403,12 +487,26 @@ class RoundState:
         """Return every record so far, the one awaiting its evaluation last."""
         return self.history + ([self.pending] if self.pending is not None else [])
 
-    def summary(self, capacities: Mapping[int, int]) -> dict[str, Any]:
-        """Return the run's closing figures, fitness table and cumulative loads."""
+    def summary(self, capacities: Mapping[int, int], error: str | None = None) -> dict[str, Any]:
+        """Return the run's closing figures, fitness table and cumulative loads.
+
+        ``status`` is ``completed``, or ``failed`` with ``error`` when one is given: a
+        script reads it to tell a failed run (``flwr run`` exits 0 either way).
+        """
         records = self.records()
         last = records[-1] if records else {}
         evaluated = [r for r in records if "local_acc" in r]
+        privacy = {}
+        if self.privacy is not None:
+            privacy = {
+                "dp_epsilon": self.dp_epsilon(records),
+                "dp_delta": self.privacy.delta,
+                "dp_noise_multiplier": self.privacy.noise_multiplier,
+                "dp_clip_norm": self.privacy.clip_norm,
+            }
         return {
+            **failed_status(error),
+            **privacy,
             "strategy": self.allocator.name,
             "rounds": len(records),
             "clients": len(capacities),
@@ -426,6 +524,38 @@ class RoundState:
             "fitness": self.fitness.state(),
             "cumulative_loads": self.loads.state(),
         }
+
+
+def failed_status(error: str | None) -> dict[str, Any]:
+    """Return the status entries of ``summary.json``: completed, or failed with the error."""
+    return {"status": "completed"} if error is None else {"status": "failed", "error": error}
+
+
+def stalled_message(server_round: int, streak: Sequence[Mapping[Any, str]]) -> str:
+    """Say that no update was accepted in the rounds of ``streak`` (newest first), and why.
+
+    The distinct reasons are quoted most frequent first, with the clients that gave them.
+    """
+    reasons: Counter[str] = Counter()
+    clients: dict[str, set[int]] = {}
+    for failures in streak:
+        for key, why in failures.items():
+            reasons[why] += 1
+            clients.setdefault(why, set()).add(int(key))
+    quoted = []
+    for why, times in reasons.most_common(QUOTED_REASONS):
+        keys = sorted(clients[why])
+        shown = ", ".join(map(str, keys[:5])) + (", ..." if len(keys) > 5 else "")
+        quoted.append(f"{why!r} ({times} replies; clients {shown})")
+    if len(reasons) > QUOTED_REASONS:
+        quoted.append(f"and {len(reasons) - QUOTED_REASONS} other reasons")
+    first = server_round - len(streak) + 1
+    return (
+        f"no client update was accepted in {len(streak)} consecutive rounds ({first} to "
+        f"{server_round}; faults.max_failed_rounds={len(streak)}): the run stops. The "
+        "clients' reasons: " + "; ".join(quoted) + f". Fix the cause and start again (the "
+        f"checkpoint, if enabled, holds the state after round {server_round - 1})."
+    )
 
 
 def headline(record: Mapping[str, Any], num_rounds: int) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -22,7 +22,14 @@ from flexmoe_core.checkpoint import (
 from flexmoe_core.config import load_config, to_container
 from flexmoe_core.data import DatasetError, label_counts, plot_label_distribution
 from flexmoe_core.model import build_model, shared_state
-from flexmoe_core.results import RunRecorder, make_run_dir
+from flexmoe_core.results import (
+    RunDirError,
+    RunRecorder,
+    claim_run_dir,
+    make_run_dir,
+    release_run_dir,
+)
+from flexmoe_core.round_state import failed_status
 
 from .codec import to_array_record
 from .strategy import FlexMoEStrategy
@@ -56,6 +63,8 @@ def open_run(cfg: DictConfig) -> tuple[DictConfig, Path, ServerCheckpoint | None
     CheckpointError
         If the checkpoint is missing or unreadable, or the run was configured
         differently (other than in :data:`flexmoe_core.checkpoint.RESUMABLE_CHANGES`).
+    RunDirError
+        If ``output_root`` is not a folder, or the run to resume is running now.
     """
     resume = _resume_setting(cfg.checkpoint.get("resume"))
     checkpoint: ServerCheckpoint | None = None
@@ -77,9 +86,15 @@ def open_run(cfg: DictConfig) -> tuple[DictConfig, Path, ServerCheckpoint | None
         checkpoint = load_checkpoint(checkpoint_path(run_dir))
     else:
         run_dir = make_run_dir(cfg)
+    if checkpoint is not None and not claim_run_dir(run_dir):
+        raise RunDirError(
+            f"cannot resume {run_dir}: another run is using it now (it holds "
+            f"{run_dir / '.run.lock'}); wait for it to end, or stop it first"
+        )
     if checkpoint is not None and (
         changed := config_differences(checkpoint.config, to_container(cfg))
     ):
+        release_run_dir(run_dir)
         raise CheckpointError(
             f"cannot resume {run_dir}: the configuration differs from the interrupted "
             "run's in " + "; ".join(changed) + ". Resume with the same overrides (only "
@@ -130,6 +145,7 @@ def run(grid: Grid, cfg: DictConfig) -> Path:
     if checkpoint is not None:
         check_model_arrays(checkpoint, shared_state(model), str(checkpoint_path(run_dir)))
     recorder = RunRecorder(run_dir, cfg)
+    strategy: FlexMoEStrategy | None = None
     try:
         strategy = FlexMoEStrategy(
             cfg,
@@ -146,6 +162,14 @@ def run(grid: Grid, cfg: DictConfig) -> Path:
         summary = strategy.final_summary()
         recorder.save_model(strategy.global_arrays)
         recorder.save_summary(summary)
+        if "dp_epsilon" in summary:
+            log(
+                INFO,
+                "Differential privacy: (epsilon %.4g, delta %g) after %d rounds",
+                summary["dp_epsilon"],
+                summary["dp_delta"],
+                summary["rounds"],
+            )
         save_label_distribution(cfg, run_dir, strategy.roster.num_partitions())
         log(
             INFO,
@@ -156,8 +180,17 @@ def run(grid: Grid, cfg: DictConfig) -> Path:
             summary["cum_load_clients_cv"],
             run_dir,
         )
+    except Exception as err:
+        # flwr run exits 0 even when the ServerApp fails: summary.json's status is how
+        # a script (and the sweep) tells a failed run from a finished one.
+        error = f"{type(err).__name__}: {err}"
+        failed = failed_status(error) if strategy is None else strategy.final_summary(error)
+        recorder.save_summary(failed)
+        log(ERROR, "The run failed (summary.json has status failed): %s", error)
+        raise
     finally:
         recorder.close()
+        release_run_dir(run_dir)
     return run_dir
 
 

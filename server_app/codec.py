@@ -87,7 +87,7 @@ def to_numpy(array: Array) -> np.ndarray:
 
 def record_bytes(record: ArrayRecord) -> int:
     """Return the bytes Flower sends for an ArrayRecord: its serialised arrays."""
-    return int(sum(len(array.data) for array in record.values()))
+    return int(sum(len(array.data) for array in record.values() if isinstance(array, Array)))
 
 
 class Encoder:
@@ -125,8 +125,13 @@ def query_message(node: int, run_config: str) -> Message:
     return Message(content, dst_node_id=node, message_type=MessageType.QUERY)
 
 
-def decode_info(reply: Message) -> tuple[int, object, int | None]:
-    """Return (client key, capacity as sent, partition count or None) of a reply's info.
+def _problem(err: Exception) -> str:
+    """Say what a decoding error found: a missing record or field, or a bad value."""
+    return f"no {err} in the reply" if isinstance(err, KeyError) else str(err)
+
+
+def decode_info(reply: Message) -> proto.NodeInfo:
+    """Return what a reply's ``info`` record says (client key, capacity, counts).
 
     Raises
     ------
@@ -134,19 +139,17 @@ def decode_info(reply: Message) -> tuple[int, object, int | None]:
         If the reply carries no readable info.
     """
     try:
-        info = reply.content[proto.INFO]
-        partitions = info.get(proto.NUM_PARTITIONS)
-        return (
-            int(info[proto.CLIENT_KEY]),
-            info[proto.CAPACITY],
-            None if partitions is None else int(partitions),
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"malformed capacity answer: {err!r}") from None
+        return proto.decode_info(reply.content[proto.INFO])
+    except proto.DECODE_ERRORS as err:
+        raise ValueError(f"malformed capacity answer: {_problem(err)}") from None
 
 
-def decode_reply(reply: Message, key: int, trained: bool) -> ClientReply:
+def decode_reply(reply: Message, key: int, trained: bool, evaluated: bool) -> ClientReply:
     """Return a train (or evaluation-only) reply as the round state reads it.
+
+    Every record the message asked for must be there and every field in range (see
+    :mod:`flexmoe_core.protocol`): ``arrays``, ``metrics`` and ``feedback`` after
+    training, ``evaluation`` (with the local split) when an evaluation was asked.
 
     Raises
     ------
@@ -156,26 +159,22 @@ def decode_reply(reply: Message, key: int, trained: bool) -> ClientReply:
     try:
         content = reply.content
         evaluation = None
-        if proto.EVALUATION in content:
+        if evaluated:
             evaluation = proto.decode_evaluation(content[proto.EVALUATION])
+            if "local" not in evaluation:
+                raise ValueError("the evaluation lacks the local split")
         if not trained:
             return ClientReply(key, evaluation=evaluation)
-        metrics = content[proto.METRICS]
+        num_examples, loss, accuracy = proto.decode_train_metrics(content[proto.METRICS])
         update = ClientUpdate(
             key,
             {name: to_numpy(array) for name, array in content[proto.ARRAYS].items()},
-            int(metrics[proto.NUM_EXAMPLES]),
+            num_examples,
             proto.decode_feedback(content[proto.FEEDBACK]),
         )
-        return ClientReply(
-            key,
-            update,
-            float(metrics.get("train-loss", np.nan)),
-            float(metrics.get("train-acc", np.nan)),
-            evaluation,
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"malformed reply: {err}") from None
+        return ClientReply(key, update, loss, accuracy, evaluation)
+    except proto.DECODE_ERRORS as err:
+        raise ValueError(f"malformed reply: {_problem(err)}") from None
 
 
 def result_from_records(arrays: ArrayRecord, records: Iterable[Mapping[str, Any]]) -> Result:

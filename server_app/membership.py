@@ -51,12 +51,18 @@ class Membership:
         self.refused: set[int] = set()  # left out for this run (bad settings)
         self.retrying: set[int] = set()  # refused while the key's holder was connected
         self.probes: dict[str, tuple[int, float]] = {}  # message id -> (node, sent at)
+        self.refusals: dict[int, str] = {}  # node -> why it was left out (quoted if too few)
         self.started = False  # after round 1 starts, joins are announced
 
     def who(self, node: int) -> str:
         """Name a node for the log: its Flower id and, once known, its client key."""
         key = self.roster.key_of(node)
         return f"node {node}" if key is None else f"node {node} (client {key})"
+
+    def name(self, key: int) -> str:
+        """Name a client key for the log: with the node that holds it, if any."""
+        node = self.roster.holder_of(key)
+        return f"client {key}" if node is None else self.who(int(node))  # type: ignore[call-overload]
 
     # ---------------------------------------------------------------- probes
     def refresh(self, grid: Grid) -> None:
@@ -94,11 +100,14 @@ class Membership:
                 self._refuse(node, error_reason(reply.error.reason))
             return
         try:
-            key, capacity, partitions = decode_info(reply)
+            info = decode_info(reply)
         except ValueError as err:
             self._refuse(node, str(err))
             return
-        admission = self.roster.claim(node, key, capacity, self.connected, partitions)
+        key = info.key
+        admission = self.roster.claim(
+            node, key, info.capacity, self.connected, info.num_partitions, info.num_examples
+        )
         self.answered.add(node)
         if admission.admitted:
             self.retrying.discard(node)
@@ -118,7 +127,19 @@ class Membership:
         else:
             self._refuse(node, admission.message)
 
+    def report_capacity(self, key: int, reply: Message) -> None:
+        """Take the capacity a client reports with a reply (ignored, logged, if bad)."""
+        try:
+            capacity = decode_info(reply).capacity
+        except ValueError as err:
+            problem: str | None = str(err)
+        else:
+            problem = self.roster.report_capacity(key, capacity)
+        if problem:
+            log(WARNING, "Client %d: capacity report ignored: %s", key, problem)
+
     def _refuse(self, node: int, why: str) -> None:
+        self.refusals[node] = why
         self.refused.add(node)
         self.answered.add(node)
         log(
@@ -181,10 +202,12 @@ class Membership:
                 int(self.cfg.num_clients),
             )
         if ready < wanted:
+            reasons = Counter(self.refusals.values()).most_common(3)
             raise RuntimeError(
                 f"Only {ready} of the {expected} expected clients answered within {wait:.0f} s "
                 f"(timeouts.wait_for_clients_s), fewer than min_clients_per_round={wanted}. "
-                f"In simulation start as many SuperNodes (--federation-config "
+                + "".join(f"{n} nodes were left out: {why} " for why, n in reasons)
+                + "In simulation start as many SuperNodes (--federation-config "
                 f"'num-supernodes={expected}'); in deployment start more SuperNodes, raise "
                 "timeouts.wait_for_clients_s or lower min_clients_per_round."
             )

@@ -32,13 +32,13 @@ from flexmoe_core.round_state import (
     RoundPlan,
     RoundResults,
     RoundState,
+    failed_status,
     headline,
 )
 
 from .codec import (
     NODE_UNAVAILABLE,
     Encoder,
-    decode_info,
     decode_reply,
     error_reason,
     record_bytes,
@@ -128,7 +128,8 @@ class FlexMoEStrategy(Strategy):
     # ------------------------------------------------------------- messages
     def _messages(self, plan: RoundPlan, grid: Grid) -> list[Message]:
         start = time.perf_counter()
-        self.plan, self._outbox, self._results, self._grid = plan, [], RoundResults(), grid
+        self.plan, self._outbox, self._grid = plan, [], grid
+        self._results = RoundResults(declared_examples=self.roster.declared_examples(plan.experts))
         encoder = Encoder(plan, self.run_config)
         for key in plan.experts:
             message, size = encoder.message(key, int(self.roster.holder_of(key)))  # type: ignore[arg-type]
@@ -162,9 +163,10 @@ class FlexMoEStrategy(Strategy):
             if proto.ARRAYS in reply.content:
                 results.bytes_received[key] = record_bytes(reply.content[proto.ARRAYS])
             if proto.INFO in reply.content:  # a client may report a new capacity
-                self._report_capacity(key, reply)
+                self.membership.report_capacity(key, reply)
             try:
-                results.replies.append(decode_reply(reply, key, trained=plan.trains))
+                evaluated = plan.evaluates is not None
+                results.replies.append(decode_reply(reply, key, plan.trains, evaluated))
             except ValueError as err:
                 results.failures[key] = f"rejected: {err}"
         answered = {r.key for r in results.replies} | set(results.failures)
@@ -174,16 +176,6 @@ class FlexMoEStrategy(Strategy):
         results.server_time_s += time.perf_counter() - start
         if self._grid is not None:
             self.membership.collect(self._grid)  # answers to this round's capacity queries
-
-    def _report_capacity(self, key: int, reply: Message) -> None:
-        try:
-            _, capacity, _ = decode_info(reply)
-        except ValueError as err:
-            problem: str | None = str(err)
-        else:
-            problem = self.roster.report_capacity(key, capacity)
-        if problem:
-            log(WARNING, "Client %d: capacity report ignored: %s", key, problem)
 
     # ------------------------------------------------------- Flower's interface
     def configure_train(
@@ -207,10 +199,7 @@ class FlexMoEStrategy(Strategy):
         assert self.state is not None and self.plan is not None
         self._read(replies)
         self.outcome = outcome = self.state.close(self.plan, self._results)
-        for key, why in outcome.failures.items():
-            node = self.roster.holder_of(key)
-            where = f"client {key}" if node is None else self.membership.who(int(node))  # type: ignore[call-overload]
-            log(WARNING, "Round %d: %s left out of this round: %s", server_round, where, why)
+        self._log(server_round, outcome)
         self._save(outcome.finished)
         record = self.state.pending or self.state.history[-1]
         train = {k: record[k] for k in ("train_loss", "train_acc", "train_examples") if k in record}
@@ -231,10 +220,20 @@ class FlexMoEStrategy(Strategy):
         """Complete the last round's record with the final evaluation."""
         assert self.state is not None and self.plan is not None
         self._read(replies)
-        self._save(self.state.close(self.plan, self._results).finished)
+        outcome = self.state.close(self.plan, self._results)
+        self._log(server_round, outcome)
+        self._save(outcome.finished)
         record = self.state.history[-1] if self.state.history else {}
         scores = {k: v for k, v in record.items() if k.startswith(("local_", "global_"))}
         return MetricRecord(scores) if scores else None
+
+    def _log(self, server_round: int, outcome: RoundOutcome) -> None:
+        for key, why in outcome.failures.items():
+            where = self.membership.name(key)
+            log(WARNING, "Round %d: %s left out of this round: %s", server_round, where, why)
+        for key, what in outcome.bounded.items():
+            where = self.membership.name(key)
+            log(WARNING, "Round %d: %s's influence bounded: %s", server_round, where, what)
 
     def _save(self, finished: list[dict[str, Any]]) -> None:
         # The checkpoint is written before the records: a run killed in between is
@@ -292,7 +291,8 @@ class FlexMoEStrategy(Strategy):
                 self.aggregate_evaluate(last, grid.send_and_receive(messages, timeout=timeout))
         return result_from_records(to_array_record(self.global_arrays), self.history)
 
-    def final_summary(self) -> dict[str, Any]:
-        """Return the run's closing figures, fitness table and cumulative loads."""
-        assert self.state is not None
-        return self.state.summary(self.roster.capacities())
+    def final_summary(self, error: str | None = None) -> dict[str, Any]:
+        """Return the run's closing figures (``status`` failed with ``error`` if given)."""
+        if self.state is None:
+            return failed_status(error)
+        return self.state.summary(self.roster.capacities(), error)

@@ -368,7 +368,7 @@ BAD_UPDATES: dict[str, tuple[Callable[[Message], None], str]] = {
     "ragged feedback": (lambda r: _feedback(r, "usage", lambda v: v[1:]), "differ in length"),
     "no examples": (
         lambda r: r.content[proto.METRICS].__setitem__(proto.NUM_EXAMPLES, 0),
-        "must be positive",
+        "num-examples=0 is not in [1, ",
     ),
     "no arrays at all": (lambda r: r.content.__delitem__(proto.ARRAYS), "malformed reply"),
 }
