@@ -6,7 +6,7 @@ setting: no DP (bounded mean), DP with sigma = 0 (clipping only) and two noise l
 prints (epsilon, delta) and the final local and global accuracy as a Markdown table.
 Each run uses a Flower home of its own, and its SuperLink is stopped when it ends.
 
-    flock /tmp/flexmoe-cpu.lock python benchmarks/bench_privacy.py --out /tmp/dp_runs
+    python benchmarks/bench_privacy.py --out /tmp/dp_runs
 """
 
 from __future__ import annotations
