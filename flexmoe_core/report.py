@@ -47,7 +47,14 @@ from scipy import stats
 
 from .config import conf_dir
 from .plots import plot_comparisons, plot_load_heatmaps, plot_strategy_curves, slug
-from .results import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
+from .results import (
+    COMPLETED,
+    CONFIG_FILE,
+    FAILED,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    read_metrics,
+)
 
 REFERENCE = "flexmoe"  # the strategy every other one is compared with
 STRATEGY_ORDER = [
@@ -57,12 +64,14 @@ STRATEGY_ORDER = [
     "expert_choice",
     "dense",
     "fedavg_e1",
-    "local_only",
 ]
+# The single-expert baseline (model.num_experts = 1): compared with every setup that
+# trains on the same data, whatever that setup's E and capacities.
+SINGLE_EXPERT = "fedavg_e1"
 # Strategies whose clients do not hold k_c of E experts: left out of the load heatmaps,
-# whose colour scale they would set (dense: every client holds all E; fedavg_e1: every
-# client holds the one expert).
-UNBOUNDED_STRATEGIES = ("dense", "fedavg_e1")
+# whose colour scale they would set (dense: every client holds all E; the single-expert
+# baseline: every client holds the one expert).
+UNBOUNDED_STRATEGIES = ("dense", SINGLE_EXPERT)
 
 # (column, what it means); every column is also a valid sweep objective
 COLUMNS: list[tuple[str, str]] = [
@@ -89,9 +98,6 @@ COMPARED: list[tuple[str, str]] = [
 # Compared columns where lower is better (the verdict flips); shown as raw differences,
 # the accuracies in points. Not compared with strategies whose load is not k_c of E.
 LOWER_IS_BETTER = ("load_cv", "cum_load_cv")
-# The single-expert baseline (model.num_experts = 1): compared with every setup that
-# trains on the same data, whatever that setup's E and capacities.
-SINGLE_EXPERT = "fedavg_e1"
 CONFIDENCE = 0.95
 BETTER, NO_DIFFERENCE, WORSE, TOO_FEW = (
     "better",
@@ -113,8 +119,8 @@ VARIANT_KEYS: list[tuple[str, str]] = [
 ]
 
 # What a run folder says about its run.
-COMPLETED = "completed"  # summary.json, with no status or status "completed"
-FAILED = "failed"  # summary.json with another status, or a sweep job that failed
+# COMPLETED: summary.json, with no status or status "completed"; FAILED: summary.json
+# with another status, or a sweep job that failed.
 INCOMPLETE = "incomplete"  # no summary.json: still running, or killed
 
 JOB_STATUS_FILE = "status.json"
@@ -475,13 +481,18 @@ def write_trials(sweeps: dict[Path, list[JobStatus]], out: Path) -> None:
 
 
 # ------------------------------------------------------------------ the comparison
+def base_strategy(label: str) -> str:
+    """Return the strategy a label names (``flexmoe β=0.2`` -> ``flexmoe``)."""
+    return label.split(" ", 1)[0]
+
+
 def _order(strategy: str) -> tuple[int, str]:
-    name = strategy.split(" ", 1)[0]
+    name = base_strategy(strategy)
     return (STRATEGY_ORDER.index(name) if name in STRATEGY_ORDER else 99, strategy)
 
 
 def _is_single_expert(run: Run) -> bool:
-    return run.strategy.split(" ", 1)[0] == SINGLE_EXPERT
+    return base_strategy(run.strategy) == SINGLE_EXPERT
 
 
 def group_runs(runs: Sequence[Run]) -> dict[str, dict[str, list[Run]]]:
@@ -603,7 +614,7 @@ def compare_to_reference(
         if other == reference:
             continue
         theirs = {r.seed: r.summary() for r in runs}
-        unbounded = other.split(" ", 1)[0] in UNBOUNDED_STRATEGIES
+        unbounded = base_strategy(other) in UNBOUNDED_STRATEGIES
         for metric in metrics:
             if unbounded and metric in LOWER_IS_BETTER:
                 continue
@@ -876,7 +887,7 @@ def plot_setup(setup: str, runs: Sequence[Run], out: Path) -> list[Path]:
     }
     heatmaps = {}
     for strategy, members in by_strategy.items():
-        if strategy.split(" ", 1)[0] in UNBOUNDED_STRATEGIES:
+        if base_strategy(strategy) in UNBOUNDED_STRATEGIES:
             continue
         run = members[0]  # the lowest seed
         heatmaps[strategy] = (
@@ -923,7 +934,7 @@ def build_report(
     """
     runs = find_runs(folders, setup_keys)
     if strategies:
-        runs = [r for r in runs if r.strategy.split(" ", 1)[0] in set(strategies)]
+        runs = [r for r in runs if base_strategy(r.strategy) in set(strategies)]
     sweeps = find_sweep_jobs(folders)
     if not runs and not sweeps:
         raise FileNotFoundError(

@@ -22,6 +22,16 @@ MODEL_FILE = "final_model.npz"
 SUMMARY_FILE = "summary.json"
 
 
+# summary.json's ``status``: how a script tells a failed run (``flwr run`` exits 0 either way).
+COMPLETED = "completed"
+FAILED = "failed"
+
+
+def run_status(error: str | None) -> dict[str, str]:
+    """Return the status entries of ``summary.json``: completed, or failed with the error."""
+    return {"status": COMPLETED} if error is None else {"status": FAILED, "error": error}
+
+
 class RunDirError(ValueError):
     """The run's output folder cannot be made or is in use by another run."""
 

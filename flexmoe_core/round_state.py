@@ -47,6 +47,7 @@ from .fitness import FitnessTable
 from .metrics import LoadTracker, summarise_evaluations
 from .model import split_expert_key
 from .privacy import PrivacyPolicy, epsilon, private_aggregate
+from .results import run_status
 
 # Round-record keys that measure time: they differ between two runs of the same
 # computation, so equality checks (e.g. of a resumed run) leave them out.
@@ -505,7 +506,7 @@ class RoundState:
                 "dp_clip_norm": self.privacy.clip_norm,
             }
         return {
-            **failed_status(error),
+            **run_status(error),
             **privacy,
             "strategy": self.allocator.name,
             "rounds": len(records),
@@ -524,11 +525,6 @@ class RoundState:
             "fitness": self.fitness.state(),
             "cumulative_loads": self.loads.state(),
         }
-
-
-def failed_status(error: str | None) -> dict[str, Any]:
-    """Return the status entries of ``summary.json``: completed, or failed with the error."""
-    return {"status": "completed"} if error is None else {"status": "failed", "error": error}
 
 
 def stalled_message(server_round: int, streak: Sequence[Mapping[Any, str]]) -> str:

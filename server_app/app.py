@@ -28,8 +28,8 @@ from flexmoe_core.results import (
     claim_run_dir,
     make_run_dir,
     release_run_dir,
+    run_status,
 )
-from flexmoe_core.round_state import failed_status
 
 from .codec import to_array_record
 from .strategy import FlexMoEStrategy
@@ -184,7 +184,7 @@ def run(grid: Grid, cfg: DictConfig) -> Path:
         # flwr run exits 0 even when the ServerApp fails: summary.json's status is how
         # a script (and the sweep) tells a failed run from a finished one.
         error = f"{type(err).__name__}: {err}"
-        failed = failed_status(error) if strategy is None else strategy.final_summary(error)
+        failed = run_status(error) if strategy is None else strategy.final_summary(error)
         recorder.save_summary(failed)
         log(ERROR, "The run failed (summary.json has status failed): %s", error)
         raise

@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 from flexmoe_core import protocol as proto
 from flexmoe_core.checkpoint import ServerCheckpoint, save_checkpoint
 from flexmoe_core.config import to_container
-from flexmoe_core.results import RunRecorder
+from flexmoe_core.results import RunRecorder, run_status
 from flexmoe_core.roster import Roster
 from flexmoe_core.round_state import (
     TIMING_KEYS,
@@ -32,7 +32,6 @@ from flexmoe_core.round_state import (
     RoundPlan,
     RoundResults,
     RoundState,
-    failed_status,
     headline,
 )
 
@@ -294,5 +293,5 @@ class FlexMoEStrategy(Strategy):
     def final_summary(self, error: str | None = None) -> dict[str, Any]:
         """Return the run's closing figures (``status`` failed with ``error`` if given)."""
         if self.state is None:
-            return failed_status(error)
+            return run_status(error)
         return self.state.summary(self.roster.capacities(), error)
