@@ -126,10 +126,9 @@ class MoEClassifier(nn.Module):
         expert a contiguous chunk and one scatter-add mixes their outputs back.
         """
         batch, top_k = top_i.shape
-        pair_expert = top_i.reshape(-1)  # (batch * top_k,): local expert index of each pair
-        pair_sample = torch.arange(batch, device=top_i.device).repeat_interleave(top_k)
+        pair_expert = top_i.reshape(-1)  # (batch * top_k,): pair p is sample p // top_k
         order = pair_expert.argsort(stable=True)  # pairs grouped by expert
-        sample, expert_idx = pair_sample[order], pair_expert[order]  # (pairs,)
+        sample, expert_idx = order // top_k, pair_expert[order]  # (pairs,)
         counts = torch.bincount(pair_expert, minlength=len(self.experts)).tolist()  # (k,)
         chunks = features.index_select(0, sample).split(counts)  # k x (n_j, channels, H, W)
         outs = [

@@ -18,7 +18,7 @@ from flexmoe_core.model import (
     shared_state,
     split_expert_key,
 )
-from flexmoe_core.training import evaluate, train_local
+from flexmoe_core.training import evaluate, make_optimizer, train_local, train_step
 
 DIGITS = (1, 8, 8)
 # Tiny versions of every MoE cut, with an input size each network runs on.
@@ -251,6 +251,18 @@ def test_feedback_is_each_experts_own_prediction_on_its_routed_samples(cfg) -> N
                 assert result.feedback[e].accuracy == pytest.approx(hits)
                 assert result.feedback[e].loss == pytest.approx(ce(own, y[mine]).item(), rel=1e-4)
     assert sum(f.usage for f in result.feedback.values()) == 2 * 64
+
+
+def test_a_non_finite_step_updates_no_weight(cfg) -> None:
+    model = make(cfg, [0, 1])
+    optimizer = make_optimizer(model, lr=0.1)
+    x, y = torch.randn(16, *DIGITS), torch.randint(0, 10, (16,))
+    train_step(model, optimizer, x, y)  # a finite step moves the weights and fills momentum
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    x[3, 0, 2, 2] = float("inf")
+    with pytest.raises(FloatingPointError, match="training loss became nan"):
+        train_step(model, optimizer, x, y)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
 def test_training_refuses_a_diverging_loss(cfg) -> None:
