@@ -189,7 +189,8 @@ def dispatch_speed(
         "batch (ms) and its cost on half the batch as a share of that ('half/full': 0.50 if\n"
         "the kernels scaled with the samples). 'floor' is the ratio a dispatch with no cost\n"
         "of its own would reach with these kernels: (dense - 4 full + 4 half) / dense;\n"
-        "'dispatch ms' is what sparse takes beyond that floor (gather, split, scatter-add).\n"
+        "'dispatch ms' is what sparse takes beyond that floor (gather, split, scatter-add,\n"
+        "and the error of timing an expert on its own: negative is within the noise).\n"
     )
     print(
         f"{'model':>28} {'batch':>5} {'dense ms':>9} {'sparse ms':>10} {'sparse/dense':>13} "
