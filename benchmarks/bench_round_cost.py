@@ -54,9 +54,8 @@ from flexmoe_core.round_state import ClientReply, RoundResults  # noqa: E402
 
 def timed_grid(clients: int):
     """Return an in-process grid that adds up the time spent inside ClientApps."""
-    from inprocess_grid import InProcessGrid
-
     from client_app.app import app as client_app
+    from server_app.inprocess import InProcessGrid
 
     class TimedGrid(InProcessGrid):
         client_s = 0.0

@@ -41,11 +41,18 @@ from flexmoe_core.model import (
     MoEClassifier,
     build_model,
     gate_state,
+    inherit_gate_rows,
     load_arrays,
     shared_state,
 )
 from flexmoe_core.node import NodeSettings
-from flexmoe_core.training import evaluate, resolve_device, round_lr, train_local
+from flexmoe_core.training import (
+    evaluate,
+    heldout_feedback,
+    resolve_device,
+    round_lr,
+    train_local,
+)
 
 app = ClientApp()
 
@@ -87,6 +94,8 @@ def client_data(cfg: DictConfig, context: Context) -> ClientData:
 # ``state-dir`` or the run sets ``checkpoint.client_dir``, so that a resumed run
 # starts every round from the same gate as an uninterrupted one.
 _GATE_VERSION = f"{proto.GATE}@"
+# Stored with each gate version: the experts the client held when the gate trained.
+HELD_EXPERTS = "held-experts"
 
 
 def _state_versions(context: Context) -> dict[int, str]:
@@ -152,7 +161,10 @@ def personal_model(
     model = build_model(cfg.model, data.input_shape, data.num_classes, experts)
     load_arrays(model, proto.arrays_to_numpy(msg.content[proto.ARRAYS]))
     if (gate := load_gate_version(cfg, context, gate_round)) is not None:
+        held = gate.pop(HELD_EXPERTS, None)
         load_arrays(model, gate)
+        if held is not None and str(cfg.train.get("new_expert_gate", "keep")) == "inherit":
+            inherit_gate_rows(model, held.tolist())
     return model
 
 
@@ -224,9 +236,14 @@ def train(msg: Message, context: Context) -> Message:
         time.sleep(fault.delay_s)
     data = client_data(cfg, context)
     model = personal_model(cfg, msg, context, data, gate_round=server_round - 1)
+    device = resolve_device(str(cfg.train.device))
+    local_x, local_y = torch.from_numpy(data.local_test.x), torch.from_numpy(data.local_test.y)
     evaluation = None
     if bool(msg.content[proto.CONFIG].get(proto.EVALUATE, False)):
         evaluation = evaluate_received(cfg, msg, model, data)
+    heldout = None
+    if str(cfg.fitness.get("source", "train")) == "heldout":
+        heldout = heldout_feedback(model, local_x, local_y, device=device)
     result = train_local(
         model,
         torch.from_numpy(data.train.x),
@@ -237,11 +254,13 @@ def train(msg: Message, context: Context) -> Message:
         momentum=float(cfg.train.momentum),
         weight_decay=float(cfg.train.weight_decay),
         aux_loss_coef=float(cfg.train.aux_loss_coef),
-        device=resolve_device(str(cfg.train.device)),
+        device=device,
         seed=int(msg.content[proto.CONFIG][proto.SEED]) + node(context).seed_offset(),
         augment=build_augment(cfg.dataset),
     )
-    save_gate_version(cfg, context, server_round, gate_state(model))
+    trained = evaluate(model, local_x, local_y, device=device)
+    gate = {**gate_state(model), HELD_EXPERTS: np.array(model.expert_ids, dtype=np.int64)}
+    save_gate_version(cfg, context, server_round, gate)
     metrics = MetricRecord(
         {
             proto.NUM_EXAMPLES: result.num_examples,
@@ -261,6 +280,11 @@ def train(msg: Message, context: Context) -> Message:
     )
     if evaluation is not None:
         content[proto.EVALUATION] = evaluation
+    if heldout is not None:
+        content[proto.HELDOUT_FEEDBACK] = MetricRecord(proto.encode_feedback(heldout))
+    content[proto.TRAINED_EVALUATION] = MetricRecord(
+        proto.encode_evaluation({"local": (trained.num_examples, trained.loss, trained.accuracy)})
+    )
     return Message(content, reply_to=msg)
 
 

@@ -34,10 +34,12 @@ __all__ = [
     "GreedyAllocator",
     "InfeasibleAllocationError",
     "LoadBounds",
+    "OracleAllocator",
     "RandomAllocator",
     "check_feasible",
     "load_bounds",
     "make_allocator",
+    "oracle_fitness",
     "update_deficit",
     "validate_capacities",
     "verify_assignment",
@@ -197,6 +199,50 @@ class FlexAllocator:
         return np.round(relaxed).astype(bool), method
 
 
+class OracleAllocator(FlexAllocator):
+    """The known-right allocation of a federation with groups, balanced as FLEX-MoE is.
+
+    It solves FLEX-MoE's LP (epsilon 0, deficit rule) over :func:`oracle_fitness`
+    instead of the learned table: each group on the experts apportioned to it.
+    """
+
+    name = "oracle"
+    needs_groups = True
+
+    def __init__(self, tie_noise: float = 1e-6) -> None:
+        super().__init__(0.0, "auto", tie_noise, True)
+
+
+def oracle_fitness(groups: np.ndarray, capacities: np.ndarray, num_experts: int) -> np.ndarray:
+    """Return Q = 1 on the experts of each client's group, 0 elsewhere.
+
+    Experts are apportioned to the groups in proportion to the groups' total capacity
+    (largest remainder; consecutive expert ids per group), so that under balanced
+    loads as many holders as possible share their expert's group. A group whose share
+    rounds to no expert has Q = 0 everywhere: its clients fill the slots left over.
+
+    Parameters
+    ----------
+    groups : ndarray of int
+        The group of each participant.
+    capacities : ndarray of int
+        k_c of each participant.
+    num_experts : int
+        E.
+    """
+    ids = np.unique(groups)
+    demand = np.array([capacities[groups == g].sum() for g in ids], dtype=float)
+    quota = num_experts * demand / demand.sum()
+    shares = np.floor(quota).astype(int)
+    for i in np.argsort(-(quota - shares), kind="stable")[: num_experts - shares.sum()]:
+        shares[i] += 1
+    first = np.concatenate([[0], np.cumsum(shares)])
+    fitness = np.zeros((len(groups), num_experts))
+    for i, g in enumerate(ids):
+        fitness[np.ix_(groups == g, np.arange(first[i], first[i + 1]))] = 1.0
+    return fitness
+
+
 class _BaselineAllocator:
     """Shared frame of the baselines: check the inputs, time :meth:`assign`, report."""
 
@@ -311,6 +357,8 @@ def make_allocator(strategy_cfg) -> Allocator:
         return DenseAllocator()
     if name == "expert_choice":
         return ExpertChoiceAllocator(noise)
+    if name == "oracle":
+        return OracleAllocator(noise)
     raise ValueError(
-        f"Unknown strategy {name!r}: choose flexmoe, greedy, random, dense or expert_choice"
+        f"Unknown strategy {name!r}: choose flexmoe, greedy, random, dense, expert_choice or oracle"
     )

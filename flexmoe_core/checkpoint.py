@@ -87,6 +87,9 @@ class ServerCheckpoint:
         Capacity per client key, as last reported.
     config : dict
         The run configuration, to check that a resumption computes the same thing.
+    memory : dict
+        The round state's other plain data (each client's experts when it last
+        trained, the fitness table's start values and measured entries).
     """
 
     round: int
@@ -98,6 +101,7 @@ class ServerCheckpoint:
     pending: dict[str, Any] | None = None
     capacities: dict[int, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
 
 
 def checkpoint_path(run_dir: str | os.PathLike[str]) -> Path:
@@ -127,6 +131,7 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: ServerCheckpoint) 
         "pending": checkpoint.pending,
         "capacities": {str(k): int(v) for k, v in checkpoint.capacities.items()},
         "config": checkpoint.config,
+        "memory": checkpoint.memory,
     }
     arrays = {f"{_MODEL_PREFIX}{k}": v for k, v in checkpoint.global_arrays.items()}
     arrays["fitness"] = fitness
@@ -196,6 +201,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> ServerCheckpoint:
         pending=meta.get("pending"),
         capacities={int(k): int(v) for k, v in meta["capacities"].items()},
         config=meta["config"],
+        memory=meta.get("memory", {}),
     )
 
 

@@ -35,16 +35,18 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .backbones import BACKBONES, moe_cut_problems
 from .data import DatasetError, Normaliser, build_augment
+from .data.groups import GROUP_TRANSFORMS
 from .data.partition import PARTITION_TYPES
 from .data.raw import SOURCES
 from .faults import validate_faults
+from .fitness import COLD_STARTS, FITNESS_SOURCES
 from .model import DISPATCH_MODES
 
 # Subtrees whose keys are not checked here (the sweep entry point reads them).
 LENIENT_PREFIXES = ("sweep",)
 # Groups whose declared keys without a row are accepted unchecked (see module docstring).
 UNCHECKED_GROUP_KEYS = ("model",)
-STRATEGIES = ("flexmoe", "greedy", "random", "dense", "expert_choice")
+STRATEGIES = ("flexmoe", "greedy", "random", "dense", "expert_choice", "oracle")
 
 
 class ConfigError(ValueError):
@@ -223,6 +225,12 @@ SETTINGS: tuple[Setting, ...] = (
         when="capacity.profile=uniform",
     ),
     # local training
+    S(
+        "train.new_expert_gate",
+        "str",
+        choices=("inherit", "keep"),
+        meaning="gate row of a newly held expert",
+    ),
     S("train.local_epochs", "int", "[1, inf)", meaning="local epochs per round"),
     S("train.batch_size", "int", "[1, inf)", meaning="local batch size"),
     S("train.lr", "float", "(0, inf)", meaning="SGD learning rate"),
@@ -236,10 +244,14 @@ SETTINGS: tuple[Setting, ...] = (
     S("evaluate.global_every", "int", "[0, inf)", meaning="global test every N rounds, 0: never"),
     S("evaluate.global_max_samples", "int", "[0, inf)", meaning="global test cap, 0: all"),
     # fitness
+    S("fitness.source", "str", choices=FITNESS_SOURCES, meaning="where feedback is measured"),
     S("fitness.signal", "str", choices=("loss", "accuracy"), meaning="fitness signal"),
+    S("fitness.relative", "bool", meaning="signal relative to the expert's other holders"),
     S("fitness.alpha", "float", "(0, inf)", meaning="temperature of exp(-alpha * loss)"),
     S("fitness.beta", "float", "(0, 1]", meaning="EMA weight of the newest feedback"),
     S("fitness.q0", "float", meaning="initial fitness"),
+    S("fitness.cold_start", "str", choices=COLD_STARTS, meaning="a new client's fitness row"),
+    S("fitness.decay", "float", "[0, 1]", meaning="decay of unmeasured entries to their start"),
     # aggregation (bounded influence: flexmoe_core.aggregation)
     S(
         "aggregation.expert_weighting",
@@ -319,6 +331,13 @@ SETTINGS: tuple[Setting, ...] = (
         "strategy.deficit_rule",
         "bool",
         meaning="remainder slots to the experts of largest load deficit (epsilon = 0)",
+        when="strategy.name=flexmoe",
+    ),
+    S(
+        "strategy.switching_cost",
+        "float",
+        "[0, inf)",
+        meaning="fitness bonus of the experts a client holds now",
         when="strategy.name=flexmoe",
     ),
     S("strategy.tie_noise", "float", "[0, inf)", meaning="tie-breaking noise", required=False),
@@ -430,6 +449,14 @@ SETTINGS: tuple[Setting, ...] = (
     S("partition.self_balancing", "bool", meaning="Dirichlet self-balancing", required=False),
     S("partition.local_test_fraction", "float", "[0, 1)", meaning="local held-out share"),
     S("partition.max_client_samples", "int|null", "[1, inf)", meaning="cap on a client's samples"),
+    S("partition.groups.count", "int", "[0, inf)", meaning="client groups (0: none)"),
+    S(
+        "partition.groups.sizes",
+        "list[int]|null",
+        "[1, inf)",
+        meaning="clients per group",
+    ),
+    S("partition.groups.transform", "str", choices=GROUP_TRANSFORMS, meaning="group transform"),
 )
 del S
 

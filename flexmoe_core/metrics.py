@@ -19,6 +19,68 @@ def load_stats(loads: np.ndarray) -> dict[str, float]:
     }
 
 
+def assignment_purity(assignment: np.ndarray, groups: np.ndarray) -> float:
+    """Return the mean over held experts of the share of holders from the majority group.
+
+    ``assignment`` is (clients, E) 0/1, ``groups`` the group of each client. 1 means
+    every expert is held by one group only; a random assignment of G equal groups
+    scores about 1/G plus chance clumping.
+    """
+    shares = []
+    for holders in np.asarray(assignment, dtype=bool).T:
+        if holders.any():
+            shares.append(np.bincount(groups[holders]).max() / holders.sum())
+    return float(np.mean(shares)) if shares else 0.0
+
+
+def assignment_nmi(assignment: np.ndarray, groups: np.ndarray) -> float:
+    """Return the normalised mutual information between expert held and group.
+
+    Computed over the (client, expert) pairs of the assignment, normalised by the
+    arithmetic mean of the two entropies (1: the expert tells the group and back; 0:
+    independent). 1 when both are constant.
+    """
+    clients, experts = np.nonzero(np.asarray(assignment, dtype=bool))
+    group_ids = np.unique(groups, return_inverse=True)[1][clients]
+    joint = np.zeros((group_ids.max(initial=0) + 1, assignment.shape[1]))
+    np.add.at(joint, (group_ids, experts), 1.0)
+    joint /= max(joint.sum(), 1.0)
+    p_group, p_expert = joint.sum(axis=1), joint.sum(axis=0)
+
+    def entropy(p: np.ndarray) -> float:
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+
+    nonzero = joint > 0
+    mutual = float(
+        (joint[nonzero] * np.log(joint[nonzero] / np.outer(p_group, p_expert)[nonzero])).sum()
+    )
+    mean_entropy = (entropy(p_group) + entropy(p_expert)) / 2
+    return 1.0 if mean_entropy <= 0 else float(np.clip(mutual / mean_entropy, 0.0, 1.0))
+
+
+def churn(
+    experts: Mapping[int, Sequence[int]],
+    holding: Mapping[int, Sequence[int]],
+    expert_bytes: Sequence[int],
+) -> dict[str, float | int]:
+    """Return how many participants changed experts since they last trained, and the cost.
+
+    Only participants that trained before count (a first round has no churn).
+    ``churn`` is their share whose expert set changed, ``churn_clients`` how many, and
+    ``churn_bytes`` the bytes of experts each received that it did not hold before:
+    what a client caching its last experts would have to download because of the move.
+    """
+    returning = [k for k in experts if k in holding]
+    moved = [k for k in returning if set(experts[k]) != set(holding[k])]
+    new_bytes = sum(int(expert_bytes[e]) for k in moved for e in set(experts[k]) - set(holding[k]))
+    return {
+        "churn": len(moved) / len(returning) if returning else 0.0,
+        "churn_clients": len(moved),
+        "churn_bytes": new_bytes,
+    }
+
+
 def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
     """Return the payload size of a set of arrays in bytes."""
     return int(sum(a.nbytes for a in arrays.values()))

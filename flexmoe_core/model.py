@@ -227,6 +227,33 @@ def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
         target.copy_(torch.as_tensor(value))
 
 
+def inherit_gate_rows(model: MoEClassifier, previous: Sequence[int]) -> dict[int, int | None]:
+    """Give each newly held expert the gate row of an expert the client let go.
+
+    A gate row of an expert the client did not hold when its gate last trained is
+    still at its initial value, while the others grew with training: the new expert
+    would get few or no samples. It takes over the row of a dropped expert instead
+    (in id order), so it inherits that expert's routing role; when nothing was dropped
+    (the capacity grew), the mean of the rows the client kept. Returns new expert ->
+    the expert whose row it got (None: the mean).
+    """
+    previous = [int(e) for e in previous]
+    new = [e for e in model.expert_ids if e not in previous]
+    dropped = [e for e in previous if e not in model.expert_ids]
+    kept = [e for e in previous if e in model.expert_ids]
+    sources: dict[int, int | None] = {}
+    with torch.no_grad():
+        weight, bias = model.gate.weight, model.gate.bias  # (E, channels), (E,)
+        for i, expert in enumerate(new):
+            if i < len(dropped):
+                sources[expert] = dropped[i]
+                weight[expert], bias[expert] = weight[dropped[i]], bias[dropped[i]]
+            elif kept:
+                sources[expert] = None
+                weight[expert], bias[expert] = weight[kept].mean(0), bias[kept].mean(0)
+    return sources
+
+
 def expert_key(expert_id: int, param: str) -> str:
     """Return the state-dict name of an expert parameter."""
     return f"{EXPERT_PREFIX}{expert_id}.{param}"

@@ -20,6 +20,11 @@ CONFIG = "config"  # ConfigRecord: round, expert ids, run configuration
 METRICS = "metrics"  # MetricRecord: num-examples, training loss and accuracy
 FEEDBACK = "feedback"  # MetricRecord: per-expert usage / accuracy / loss
 EVALUATION = "evaluation"  # MetricRecord: <split>-num/-loss/-acc of the received model
+# MetricRecord: per-expert accuracy / loss of the received experts on the local held-out
+# split (fitness.source=heldout), as FEEDBACK is encoded
+HELDOUT_FEEDBACK = "heldout-feedback"
+# MetricRecord: local-num/-loss/-acc of the model the client has just trained
+TRAINED_EVALUATION = "trained-evaluation"
 INFO = "info"  # ConfigRecord: capacity, client key (and partitions); query and train replies
 GATE = "gate"  # ArrayRecord kept in the client's context.state, never sent
 

@@ -59,6 +59,7 @@ from .results import (
 REFERENCE = "flexmoe"  # the strategy every other one is compared with
 STRATEGY_ORDER = [
     "flexmoe",
+    "oracle",
     "greedy",
     "random",
     "expert_choice",
@@ -86,6 +87,11 @@ COLUMNS: list[tuple[str, str]] = [
     ("cum_samples_cv", "cumulative routed-samples CV, last round"),
     ("mb_per_round", "MB sent + received per round"),
     ("wall_s", "run wall time (sum of round times), s"),
+    ("best_trained_acc", "best accuracy of the model each client has just trained, local split"),
+    ("purity10", "assignment purity at round 10 (known groups)"),
+    ("final_purity", "assignment purity, last round (known groups)"),
+    ("final_nmi", "normalised mutual information of expert and group, last round"),
+    ("churn_late", "share of clients changing experts per round, mean over the last half"),
 ]
 OBJECTIVES = [column for column, _ in COLUMNS]
 
@@ -113,6 +119,10 @@ VARIANT_KEYS: list[tuple[str, str]] = [
     ("fitness.beta", "β"),
     ("fitness.alpha", "α"),
     ("fitness.q0", "q0"),
+    ("fitness.source", "source"),
+    ("fitness.decay", "decay"),
+    ("fitness.cold_start", "cold start"),
+    ("strategy.switching_cost", "λ"),
     ("strategy.epsilon", "ε"),
     ("strategy.deficit_rule", "deficit rule"),
     ("model.top_k", "top"),
@@ -179,7 +189,13 @@ class Run:
             values = self.series(key)
             return float(np.nanmean(values)) if np.isfinite(values).any() else np.nan
 
+        def at_round(key: str, server_round: int) -> float:
+            values = self.series(key)[:server_round]
+            values = values[~np.isnan(values)]
+            return float(values[-1]) if values.size else np.nan
+
         traffic = self.series("bytes_sent") + self.series("bytes_received")
+        late = self.series("churn")[len(self.records) // 2 :]
         return {
             "final_local_acc": last("local_acc"),
             "best_local_acc": best("local_acc"),
@@ -194,6 +210,11 @@ class Run:
             if np.isfinite(traffic).any()
             else np.nan,
             "wall_s": float(np.nansum(self.series("round_time_s"))),
+            "best_trained_acc": best("trained_local_acc"),
+            "purity10": at_round("purity", 10),
+            "final_purity": last("purity"),
+            "final_nmi": last("nmi"),
+            "churn_late": float(np.nanmean(late)) if np.isfinite(late).any() else np.nan,
         }
 
 
@@ -204,6 +225,11 @@ def describe_data(cfg: Any) -> str:
         "dirichlet": f"α={part.get('alpha')}",
         "kclass": f"{part.get('classes_per_client')}-class",
     }.get(part.type, "")
+    groups = part.get("groups") or {}
+    if groups.get("sizes") or groups.get("count"):
+        sizes = groups.get("sizes")
+        shown = "/".join(map(str, sizes)) if sizes else f"{groups.get('count')} equal"
+        detail = f"{detail + ' ' if detail else ''}{shown} {groups.get('transform')} groups"
     return (
         f"{cfg.dataset.name} · {part.type}{' ' + detail if detail else ''} · "
         f"{cfg.model.backbone} · {cfg.num_clients} clients · {cfg.num_rounds} rounds"

@@ -40,11 +40,12 @@ import numpy as np
 from omegaconf import DictConfig
 
 from .aggregation import AggregationPolicy, ClientUpdate, aggregate_bounded, check_update
-from .allocation import Allocation, make_allocator, update_deficit
+from .allocation import Allocation, make_allocator, oracle_fitness, update_deficit
 from .checkpoint import ServerCheckpoint
 from .config import to_container
-from .fitness import FitnessTable
-from .metrics import LoadTracker, summarise_evaluations
+from .data.groups import ClientGroups, groups_of
+from .fitness import ExpertFeedback, FitnessTable, relative_signals
+from .metrics import LoadTracker, assignment_nmi, assignment_purity, churn, summarise_evaluations
 from .model import split_expert_key
 from .privacy import PrivacyPolicy, epsilon, private_aggregate
 from .results import run_status
@@ -119,7 +120,10 @@ class ClientReply:
     """One client's answer, decoded by the adapter.
 
     ``evaluation`` maps a split (``local``, ``global``) to (examples, loss, accuracy)
-    of the model the client received, measured before it trained.
+    of the model the client received, measured before it trained;
+    ``trained_evaluation`` the same of the model it has just trained (local split).
+    ``heldout`` is the per-expert feedback of the received experts on the local
+    held-out split (``fitness.source=heldout``).
     """
 
     key: int
@@ -127,6 +131,8 @@ class ClientReply:
     train_loss: float = math.nan
     train_acc: float = math.nan
     evaluation: dict[str, tuple[int, float, float]] | None = None
+    heldout: dict[int, ExpertFeedback] | None = None
+    trained_evaluation: dict[str, tuple[int, float, float]] | None = None
 
 
 @dataclass
@@ -178,7 +184,16 @@ class RoundState:
             beta=cfg.fitness.beta,
             signal=cfg.fitness.signal,
             alpha=cfg.fitness.alpha,
+            cold_start=str(cfg.fitness.get("cold_start", "q0")),
+            decay=float(cfg.fitness.get("decay", 0.0)),
         )
+        self.heldout_fitness = str(cfg.fitness.get("source", "train")) == "heldout"
+        self.relative_fitness = bool(cfg.fitness.get("relative", False))
+        self.switching_cost = float(cfg.strategy.get("switching_cost", 0.0) or 0.0)
+        # Each client's experts when it last trained: the switching cost's "holds now",
+        # and what churn is measured against.
+        self.holding: dict[int, list[int]] = {}
+        self.groups: ClientGroups | None = None  # see set_federation_size
         self.global_arrays = dict(initial_arrays)
         self.policy = AggregationPolicy.from_config(cfg)
         self.privacy = PrivacyPolicy.from_config(cfg)
@@ -187,6 +202,31 @@ class RoundState:
         self.history: list[dict[str, Any]] = []  # finished records
         self.pending: dict[str, Any] | None = None  # the last record, awaiting evaluation
         self.completed_round = 0
+        self.expert_bytes = [
+            sum(
+                v.nbytes
+                for n, v in initial_arrays.items()
+                if (key := split_expert_key(n)) is not None and key[0] == e
+            )
+            for e in range(self.num_experts)
+        ]
+
+    def set_federation_size(self, num_partitions: int | None) -> None:
+        """Take the simulated federation's size: with ``partition.groups``, the groups.
+
+        Raises
+        ------
+        ValueError
+            If ``strategy=oracle`` and the federation has no groups to be right about.
+        """
+        groups_cfg = self.cfg.partition.get("groups")
+        if num_partitions is not None:
+            self.groups = ClientGroups.from_config(groups_cfg, num_partitions)
+        if self.allocator.name == "oracle" and self.groups is None:
+            raise ValueError(
+                "strategy=oracle needs a simulated federation with known groups: set "
+                "partition.groups.count=G (or partition.groups.sizes=[...])"
+            )
 
     # --------------------------------------------------------------- planning
     def sample(self, server_round: int, available: Iterable[int]) -> list[int]:
@@ -213,12 +253,14 @@ class RoundState:
         """Sample among ``capacities``' keys (the available clients) and allocate experts."""
         start = time.perf_counter()
         participants = self.sample(server_round, capacities)
-        allocation = self.allocator(
-            self.fitness.rows(participants),
-            np.array([capacities[k] for k in participants]),
-            self.deficit,
-            self._rng(server_round),
-        )
+        caps = np.array([capacities[k] for k in participants])
+        if self.allocator.name == "oracle":
+            fitness = oracle_fitness(groups_of(self.groups, participants), caps, self.num_experts)
+        else:
+            fitness = self.fitness.rows(participants)
+            for row, key in zip(fitness, participants, strict=True):
+                row[self.holding.get(key, [])] += self.switching_cost
+        allocation = self.allocator(fitness, caps, self.deficit, self._rng(server_round))
         experts = {
             key: np.flatnonzero(row).tolist()
             for key, row in zip(participants, allocation.assignment, strict=True)
@@ -294,11 +336,15 @@ class RoundState:
         failures.update({k: NO_REPLY for k in plan.experts if k not in done})
         if not accepted:
             self._stop_if_stalled(plan.round, failures)
+        if self.heldout_fitness:
+            accepted = self._check_heldout(accepted, plan, failures)
+            if not accepted:
+                self._stop_if_stalled(plan.round, failures)
         updates = [r.update for r in accepted if r.update is not None]
         trust = self._aggregate(plan.round, updates, results.declared_examples)
+        self._update_fitness(accepted)
         routed = np.zeros(self.num_experts)
         for update in updates:
-            self.fitness.update(update.client_id, update.feedback)
             for expert, fb in update.feedback.items():
                 routed[expert] += fb.usage
         assert plan.allocation is not None
@@ -310,6 +356,7 @@ class RoundState:
             self.pending = None
         record = self._record(plan, results, failures, updates, accepted, routed)
         record.update(trust)
+        self.holding.update({r.key: plan.experts[r.key] for r in accepted})
         record["server_time_s"] += time.perf_counter() - start
         every = int(self.cfg.evaluate.every)
         if evaluates_in(plan.round, every, int(self.cfg.num_rounds)):
@@ -324,6 +371,37 @@ class RoundState:
         return RoundOutcome(
             [r.key for r in accepted], dict(sorted(failures.items())), finished, bounded
         )
+
+    def _update_fitness(self, accepted: list[ClientReply]) -> None:
+        """Feed the round's signals into the fitness table (see ``fitness.*``)."""
+        signals = {}
+        for reply in accepted:
+            assert reply.update is not None
+            feedback = reply.heldout if self.heldout_fitness else reply.update.feedback
+            assert feedback is not None
+            signals[reply.key] = self.fitness.signals(feedback)
+        if self.relative_fitness:
+            signals = relative_signals(signals)
+        for key, row in signals.items():
+            self.fitness.update_signals(key, row)
+            self.fitness.decay(key, row)
+
+    @staticmethod
+    def _check_heldout(
+        accepted: list[ClientReply], plan: RoundPlan, failures: dict[int, str]
+    ) -> list[ClientReply]:
+        """Keep the replies whose held-out feedback covers exactly their experts."""
+        kept = []
+        for reply in accepted:
+            measured = set(reply.heldout or {})
+            if measured != set(plan.experts[reply.key]):
+                failures[reply.key] = (
+                    f"rejected: held-out feedback for experts {sorted(measured)}, but it holds "
+                    f"{plan.experts[reply.key]}"
+                )
+            else:
+                kept.append(reply)
+        return kept
 
     def _aggregate(
         self, server_round: int, updates: list[ClientUpdate], declared: Mapping[int, int]
@@ -428,7 +506,14 @@ class RoundState:
                 np.average([r.train_acc for r in accepted], weights=weights)
             )
             record["train_examples"] = int(weights.sum())
+        trained = [r.trained_evaluation for r in accepted if r.trained_evaluation]
+        record.update({f"trained_{k}": v for k, v in summarise_evaluations(trained).items()})
         record.update(self.loads.record(allocation.assignment.sum(axis=0), routed))
+        record.update(churn(plan.experts, self.holding, self.expert_bytes))
+        if self.groups is not None:
+            groups = groups_of(self.groups, list(plan.experts))
+            record["purity"] = assignment_purity(allocation.assignment, groups)
+            record["nmi"] = assignment_nmi(allocation.assignment, groups)
         record.update(
             {
                 "assignment": {str(k): e for k, e in plan.experts.items()},
@@ -463,6 +548,11 @@ class RoundState:
             pending=None if self.pending is None else dict(self.pending),
             capacities=dict(capacities),
             config=to_container(self.cfg),
+            memory={
+                "holding": {str(k): v for k, v in sorted(self.holding.items())},
+                "fitness_start": dict(zip(map(str, ids), table["start"], strict=True)),  # type: ignore[call-overload]
+                "fitness_measured": dict(zip(map(str, ids), table["measured"], strict=True)),  # type: ignore[call-overload]
+            },
         )
 
     def restore(self, checkpoint: ServerCheckpoint) -> None:
@@ -473,14 +563,18 @@ class RoundState:
         self.history = [dict(r) for r in checkpoint.history]
         self.pending = None if checkpoint.pending is None else dict(checkpoint.pending)
         keys = sorted(checkpoint.fitness)
+        memory = checkpoint.memory
         self.fitness.load_state(
             {
                 "client_ids": keys,
                 "values": np.reshape(
                     [checkpoint.fitness[k] for k in keys], (len(keys), self.num_experts)
                 ),
+                "start": _rows_by_key(memory.get("fitness_start"), keys),
+                "measured": _rows_by_key(memory.get("fitness_measured"), keys),
             }
         )
+        self.holding = {int(k): list(v) for k, v in memory.get("holding", {}).items()}
         self.completed_round = int(checkpoint.round)
 
     # ---------------------------------------------------------------- summary
@@ -525,6 +619,13 @@ class RoundState:
             "fitness": self.fitness.state(),
             "cumulative_loads": self.loads.state(),
         }
+
+
+def _rows_by_key(rows: Mapping[str, Any] | None, keys: Sequence[int]) -> list[Any] | None:
+    """Return ``rows`` (by client key as text) in the order of ``keys``; None if absent."""
+    if rows is None or any(str(k) not in rows for k in keys):
+        return None
+    return [rows[str(k)] for k in keys]
 
 
 def stalled_message(server_round: int, streak: Sequence[Mapping[Any, str]]) -> str:

@@ -192,3 +192,37 @@ def evaluate(
         correct / max(n, 1),
         {e: int(u) for e, u in zip(model.expert_ids, usage.cpu().tolist(), strict=True)},
     )
+
+
+@torch.no_grad()
+def heldout_feedback(
+    model: MoEClassifier,
+    x: Tensor,
+    y: Tensor,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> dict[int, ExpertFeedback]:
+    """Return each held expert's own accuracy and loss on every sample of ``(x, y)``.
+
+    Every expert runs on every sample, whatever the gate would route: the question is
+    how well the expert suits this client's data, not how the client's gate uses it
+    (a newly assigned expert would otherwise be judged through a gate never trained
+    for it). ``usage`` is the number of samples.
+    """
+    device = torch.device(device)
+    model.to(device).eval()
+    correct = torch.zeros(len(model.expert_ids), device=device)
+    loss = torch.zeros(len(model.expert_ids), device=device)
+    for start in range(0, len(y), batch_size):
+        xb = x[start : start + batch_size].to(device)
+        yb = y[start : start + batch_size].to(device)
+        features = model.backbone(xb)  # (batch, channels, H, W)
+        logits = torch.stack([e(features) for e in model.experts.values()], 1)  # (b, k, c)
+        correct += (logits.argmax(-1) == yb[:, None]).float().sum(0)
+        loss += cross_entropy_per_expert(logits, yb).sum(0)
+    n = max(len(y), 1)
+    return {
+        e: ExpertFeedback(usage=float(len(y)), accuracy=c / n, loss=max(s / n, 0.0))
+        for e, c, s in zip(model.expert_ids, correct.tolist(), loss.tolist(), strict=True)
+    }

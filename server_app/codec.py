@@ -144,12 +144,16 @@ def decode_info(reply: Message) -> proto.NodeInfo:
         raise ValueError(f"malformed capacity answer: {_problem(err)}") from None
 
 
-def decode_reply(reply: Message, key: int, trained: bool, evaluated: bool) -> ClientReply:
+def decode_reply(
+    reply: Message, key: int, trained: bool, evaluated: bool, heldout: bool = False
+) -> ClientReply:
     """Return a train (or evaluation-only) reply as the round state reads it.
 
     Every record the message asked for must be there and every field in range (see
     :mod:`flexmoe_core.protocol`): ``arrays``, ``metrics`` and ``feedback`` after
-    training, ``evaluation`` (with the local split) when an evaluation was asked.
+    training, ``evaluation`` (with the local split) when an evaluation was asked, the
+    held-out feedback when the fitness is measured there (``heldout``). The evaluation
+    of the trained model is optional.
 
     Raises
     ------
@@ -172,7 +176,11 @@ def decode_reply(reply: Message, key: int, trained: bool, evaluated: bool) -> Cl
             num_examples,
             proto.decode_feedback(content[proto.FEEDBACK]),
         )
-        return ClientReply(key, update, loss, accuracy, evaluation)
+        held_out = proto.decode_feedback(content[proto.HELDOUT_FEEDBACK]) if heldout else None
+        trained_evaluation = None
+        if proto.TRAINED_EVALUATION in content:
+            trained_evaluation = proto.decode_evaluation(content[proto.TRAINED_EVALUATION])
+        return ClientReply(key, update, loss, accuracy, evaluation, held_out, trained_evaluation)
     except proto.DECODE_ERRORS as err:
         raise ValueError(f"malformed reply: {_problem(err)}") from None
 

@@ -165,7 +165,8 @@ class FlexMoEStrategy(Strategy):
                 self.membership.report_capacity(key, reply)
             try:
                 evaluated = plan.evaluates is not None
-                results.replies.append(decode_reply(reply, key, plan.trains, evaluated))
+                heldout = plan.trains and self.state is not None and self.state.heldout_fitness
+                results.replies.append(decode_reply(reply, key, plan.trains, evaluated, heldout))
             except ValueError as err:
                 results.failures[key] = f"rejected: {err}"
         answered = {r.key for r in results.replies} | set(results.failures)
@@ -279,6 +280,8 @@ class FlexMoEStrategy(Strategy):
         # there (benchmarks/bench_round_cost.py). threadpoolctl comes with scikit-learn.
         with threadpool_limits(limits=1, user_api="blas"):
             self.membership.discover(grid)
+            partitions = self.roster.num_partitions()
+            self.state.set_federation_size(next(iter(partitions)) if len(partitions) == 1 else None)
             if self.resume is not None:
                 self._restore(self.resume)
             for server_round in range(self.state.completed_round + 1, num_rounds + 1):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -45,6 +46,7 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.singleton import Singleton
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -68,6 +70,8 @@ from .local_superlink import SuperLinkError, private_superlink
 ROUND_LINE = re.compile(r"\[round (\d+)/(\d+)\]")
 STATE_FILE = ".flexmoe_sweep.json"  # in the sweep dir: when this run of the sweep started
 DIRECTIONS = ("maximize", "minimize")
+# sweep.federation value that runs each job's simulation in the job's own process
+INPROCESS = "inprocess"
 _IMPORTED_AT = time.time()
 
 
@@ -368,6 +372,39 @@ def skip_finished(job: Job, settings: SweepSettings, previous: JobStatus | None)
     return _value(value)
 
 
+def run_in_this_process(overrides: Sequence[str], log: Path) -> int:
+    """Run one job's simulation in this process (``sweep.federation=inprocess``).
+
+    The ServerApp and ClientApp run as under ``flwr run``, on an in-process grid
+    (:mod:`server_app.inprocess`); Flower's log goes to ``log``. Returns 0, or 1 when
+    the run failed (its summary.json says why, as under ``flwr run``).
+    """
+    from flexmoe_core.config import load_config
+
+    from .inprocess import run_inprocess
+
+    # load_config composes with Hydra's global state, which this (Hydra) job's
+    # launcher still needs for the jobs after this one.
+    hydra_state = Singleton.get_state()
+    try:
+        cfg = load_config(list(overrides))
+    finally:
+        Singleton.set_state(hydra_state)
+    handler = logging.FileHandler(log, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s: %(message)s"))
+    flower_logger = logging.getLogger("flwr")
+    flower_logger.addHandler(handler)
+    try:
+        run_inprocess(cfg)
+        return 0
+    except Exception as err:  # the run wrote its failed summary; the job reports it
+        flower_logger.error("the run failed: %s: %s", type(err).__name__, err)
+        return 1
+    finally:
+        flower_logger.removeHandler(handler)
+        handler.close()
+
+
 def run_job(cfg: DictConfig, settings: SweepSettings, job: Job) -> float | None:
     """Run (or skip, or resume) one job; return its objective, None if it failed."""
     previous = JobStatus.read(job.dir)
@@ -411,12 +448,15 @@ def run_job(cfg: DictConfig, settings: SweepSettings, job: Job) -> float | None:
         log_file.write(f"--- flexmoe-sweep: {start}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     code, error = None, None
     try:
-        command = flwr_command(settings, app_dir, int(cfg.num_clients), overrides)
-        with contextlib.ExitStack() as stack:
-            if settings.federation is None:
-                link = stack.enter_context(private_superlink(env, app_dir))
-                env.update(link.env())
-            code = _stream(command, env, app_dir, log, echo)
+        if settings.federation == INPROCESS:
+            code = run_in_this_process(overrides, log)
+        else:
+            command = flwr_command(settings, app_dir, int(cfg.num_clients), overrides)
+            with contextlib.ExitStack() as stack:
+                if settings.federation is None:
+                    link = stack.enter_context(private_superlink(env, app_dir))
+                    env.update(link.env())
+                code = _stream(command, env, app_dir, log, echo)
     except (OSError, ValueError, SuperLinkError) as exc:
         error = str(exc)
     seconds = time.monotonic() - progress.started

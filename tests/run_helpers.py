@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Message
-from inprocess_grid import InProcessGrid
 from omegaconf import DictConfig
 
 from client_app.app import app as client_app
 from flexmoe_core.config import load_config
 from flexmoe_core.model import build_model, shared_state
+from server_app.inprocess import InProcessGrid
 from server_app.strategy import TIMING_KEYS, FlexMoEStrategy, to_array_record
 
 # A model and a schedule small enough for a round to take about a second on one core.

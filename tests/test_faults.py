@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import pytest
 from flwr.app import Array, Message, MessageType
-from inprocess_grid import InProcessGrid
 from run_helpers import (
     assert_same_arrays,
     fast_config,
@@ -23,6 +22,7 @@ import client_app.app as client_module
 from flexmoe_core import protocol as proto
 from flexmoe_core.faults import NO_FAULT, Fault, draw_fault, validate_faults
 from flexmoe_core.model import expert_key, split_expert_key
+from server_app.inprocess import InProcessGrid
 from server_app.strategy import FlexMoEStrategy, error_reason, to_array_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Message, MessageType
-from inprocess_grid import InProcessGrid
 from run_helpers import (
     assert_same_arrays,
     fast_config,
@@ -36,6 +35,7 @@ from flexmoe_core.checkpoint import (
 from flexmoe_core.config import to_container
 from flexmoe_core.results import METRICS_FILE, MODEL_FILE, SUMMARY_FILE, RunRecorder, read_metrics
 from server_app.app import run
+from server_app.inprocess import InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

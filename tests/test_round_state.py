@@ -98,7 +98,8 @@ def reply_to(state: RoundState, plan, key: int, scale: float = 1.0) -> ClientRep
     feedback = {e: ExpertFeedback(10.0 + e, 0.5, 0.1 * (key + 1)) for e in plan.experts[key]}
     evaluation = {"local": (10 + key, 0.5, 0.1 * key)} if plan.evaluates is not None else None
     update = ClientUpdate(key, arrays, 20 + key, feedback)
-    return ClientReply(key, update, 1.0, 0.5, evaluation)
+    heldout = {e: ExpertFeedback(8.0, 0.5, 0.2 * (key + 1)) for e in plan.experts[key]}
+    return ClientReply(key, update, 1.0, 0.5, evaluation, heldout)
 
 
 def run_round(state: RoundState, server_round: int, capacities: dict[int, int], **kw) -> object:
@@ -152,7 +153,8 @@ def test_bad_and_missing_replies_are_left_out_and_named() -> None:
             state.global_arrays[f"experts.{e}.w"], initial_arrays()[f"experts.{e}.w"]
         )
         assert moved == (e in plan.experts[0])
-    rows = dict(zip(*state.fitness.state().values(), strict=True))
+    table = state.fitness.state()
+    rows = dict(zip(table["client_ids"], table["values"], strict=True))
     assert rows[1] == rows[2] == [1.0] * E and rows[0] != [1.0] * E
 
 
@@ -218,7 +220,9 @@ def test_checkpoint_and_restore_continue_exactly(tmp_path) -> None:
         np.testing.assert_array_equal(resumed.global_arrays[name], value)
 
     def rows(state: RoundState) -> dict:
-        return dict(zip(*state.fitness.state().values(), strict=True))
+        table = state.fitness.state()  # every row, with its start and measured entries
+        columns = [table[k] for k in ("values", "start", "measured")]
+        return dict(zip(table["client_ids"], zip(*columns, strict=True), strict=True))
 
     assert rows(resumed) == rows(straight)
     strip = ("server_time_s", "round_time_s", "allocation_time_s")

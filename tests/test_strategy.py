@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
-from inprocess_grid import InProcessGrid
 
 from client_app.app import app as client_app
 from flexmoe_core import protocol
@@ -18,6 +17,7 @@ from flexmoe_core.config import load_config
 from flexmoe_core.model import build_model, shared_state
 from flexmoe_core.results import read_metrics
 from server_app.app import main as server_main
+from server_app.inprocess import InProcessGrid
 from server_app.strategy import FlexMoEStrategy, to_array_record
 
 

@@ -336,3 +336,37 @@ def test_a_killed_job_leaves_no_flower_process_behind(tmp_path: Path) -> None:
     finally:
         job.kill()
         stop_processes(pids_with_env("FLWR_HOME", str(home)))
+
+
+def test_inprocess_sweep_runs_real_jobs_in_the_sweep_process(tmp_path: Path) -> None:
+    """sweep.federation=inprocess: the same ServerApp and ClientApp, no SuperLink, no Ray."""
+    sweep_dir = tmp_path / "inproc"
+    args = [
+        "-m",
+        "sweep.federation=inprocess",
+        "strategy=flexmoe,greedy",
+        "num_rounds=2",
+        "num_clients=3",
+        "model.width=8",
+        "model.feature_dim=16",
+        "train.local_epochs=1",
+        "partition=iid",
+        "evaluate.global_every=0",
+        "timeouts.wait_for_clients_s=0",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    home = tmp_path / "flwr-home"
+    result = sweep(args, env={"FLWR_HOME": str(home)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    jobs = jobs_of(sweep_dir)
+    assert [j.status for j in jobs] == [COMPLETED, COMPLETED]
+    assert all(job.value is not None and 0.0 <= job.value <= 1.0 for job in jobs)
+    lines = [
+        json.loads(line)
+        for path in sweep_dir.glob("*/metrics.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    assert sorted({r["strategy"] for r in lines}) == ["flexmoe", "greedy"] and len(lines) == 4
+    assert not pids_with_env("FLWR_HOME", str(home))  # no SuperLink was started
+    again = sweep(args, env={"FLWR_HOME": str(home)})
+    assert again.returncode == 0 and "0 ran and completed, 2 skipped" in again.stdout

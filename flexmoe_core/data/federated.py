@@ -15,6 +15,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import DatasetError
+from .groups import ClientGroups
 from .partition import client_split, partition_indices
 from .raw import RawDataset, load_raw
 from .sources import ArrayDataset, Normaliser
@@ -67,6 +68,9 @@ def load_client_data(
 ) -> ClientData:
     """Return partition ``partition_id`` of ``num_partitions``, split train/local test.
 
+    With ``partition_cfg.groups``, every split is seen through the client's group
+    transform (:mod:`flexmoe_core.data.groups`).
+
     The global test split is normalised lazily: ``global_test.subset(idx)`` reads
     and converts only the rows asked for.
 
@@ -97,13 +101,20 @@ def load_client_data(
     normaliser = Normaliser.from_config(dataset_cfg.preprocess, raw.input_shape[0])
     labels = raw.train.labels
 
-    def part(idx: np.ndarray) -> ArrayDataset:
-        return ArrayDataset(normaliser(raw.train.take(idx)), labels[idx])
+    groups = ClientGroups.from_config(partition_cfg.get("groups"), num_partitions)
+
+    def part(data: ArrayDataset) -> ArrayDataset:
+        if groups is None:
+            return data
+        return groups.apply(data, groups.group_of(partition_id), seed, raw.num_classes)
+
+    def train_part(idx: np.ndarray) -> ArrayDataset:
+        return part(ArrayDataset(normaliser(raw.train.take(idx)), labels[idx]))
 
     return ClientData(
-        part(train_idx),
-        part(test_idx),
-        ArrayDataset.from_pixels(raw.test.view(), raw.test.labels, normaliser),
+        train_part(train_idx),
+        train_part(test_idx),
+        part(ArrayDataset.from_pixels(raw.test.view(), raw.test.labels, normaliser)),
         raw.num_classes,
         raw.input_shape,
     )
