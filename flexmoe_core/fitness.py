@@ -178,18 +178,16 @@ class FitnessTable:
 
 
 def relative_signals(signals: Mapping[int, Mapping[int, float]]) -> dict[int, dict[int, float]]:
-    """Return each client's signals relative to the mean signal of the expert's holders.
+    """Return each client's signals minus the mean signal of the expert's holders.
 
     ``signals`` maps client -> expert -> s, for one round. With balanced loads the
     allocation does not change when a constant is added to an expert's whole column,
     so what it reads of Q is how a client compares with the expert's other clients;
     a raw level (how well the round's experts fit anyone, which grows with training)
-    only decides against entries not measured lately. As s / mean - 1, a client fits
-    an expert better than its co-holders do (> 0) or worse (< 0) by that share, and an
-    unmeasured entry (start 0) sits in between: clients in the minority of an expert
-    move, those in its majority stay. The ratio keeps the contrast while every expert
-    still fits poorly (early rounds: all s small). An expert with a single holder
-    gives 0.
+    only decides against entries not measured lately. Centred, a client fits an
+    expert better than its co-holders do (> 0) or worse (< 0), and an unmeasured entry
+    (start 0) sits in between: clients in the minority of an expert move, those in its
+    majority stay. An expert with a single holder gives 0.
     """
     totals: dict[int, list[float]] = {}
     for row in signals.values():

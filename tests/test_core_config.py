@@ -13,7 +13,13 @@ from flexmoe_core.config import ConfigError, conf_dir, load_config, split_overri
 from flexmoe_core.config_schema import SETTINGS, declared_keys, unchecked_keys
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+# The paper's grid at its scales (<scale>_<dataset>_<partition>); the other presets
+# (known-structure federations, the decisive CIFAR-10 setup) have tests of their own.
+PRESETS = sorted(
+    p.stem
+    for p in (ROOT / "conf" / "experiment").glob("*.yaml")
+    if p.stem.split("_")[0] in ("cpu", "cmp", "paper")
+)
 
 
 def test_default_run_matches_the_issue() -> None:

@@ -87,6 +87,23 @@ def test_group_transforms_apply_to_every_split_of_a_client() -> None:
     np.testing.assert_array_equal(subset.x, np.rot90(base.global_test.x[[5, 7]], 1, axes=(2, 3)))
 
 
+@pytest.mark.parametrize(
+    ("preset", "sizes", "transform"),
+    [
+        ("known_labels", (5, 5, 5, 5), "labels"),
+        ("known_labels_unequal", (10, 5, 3, 2), "labels"),
+        ("known_rotation", (5, 5, 5, 5), "rotation"),
+    ],
+)
+def test_known_structure_presets(preset: str, sizes: tuple, transform: str) -> None:
+    cfg = load_config(f"experiment={preset}")
+    groups = ClientGroups.from_config(cfg.partition.groups, int(cfg.num_clients))
+    assert groups == ClientGroups(sizes, transform)
+    assert (cfg.model.num_experts, cfg.model.top_k, cfg.capacity.value) == (4, 1, 1)
+    single = load_config(f"experiment={preset} baseline=fedavg_e1")
+    assert single.model.num_experts == 1 and single.partition.groups == cfg.partition.groups
+
+
 def test_group_settings_are_validated() -> None:
     with pytest.raises(ConfigError, match=r"partition\.groups\.transform"):
         load_config("partition.groups.transform=shear")
@@ -205,7 +222,7 @@ def test_cold_start_and_decay() -> None:
 
 def test_relative_signals_compare_each_client_with_the_expert_holders() -> None:
     out = relative_signals({1: {0: 0.9, 1: 0.5}, 2: {0: 0.3}, 3: {1: 0.5}})
-    assert out[1][0] == pytest.approx(0.5) and out[2][0] == pytest.approx(-0.5)
+    assert out[1][0] == pytest.approx(0.3) and out[2][0] == pytest.approx(-0.3)
     assert out[1][1] == pytest.approx(0.0) and out[3][1] == pytest.approx(0.0)
 
 
@@ -236,7 +253,9 @@ def test_heldout_feedback_comes_from_the_held_out_split_only(monkeypatch) -> Non
         return heldout_feedback(model, x, y, **kwargs)
 
     monkeypatch.setattr(client, "heldout_feedback", spy)
-    cfg = fast_config("fitness.source=heldout partition.groups.count=2", num_clients=2)
+    cfg = fast_config(
+        "fitness.source=heldout fitness.relative=false partition.groups.count=2", num_clients=2
+    )
     strategy = run_strategy(cfg, make_grid(2))
     assert len(seen) == 2 * int(cfg.num_rounds)
     data = [load_client_data(cfg.dataset, cfg.partition, i, 2, 0) for i in range(2)]
