@@ -661,11 +661,13 @@ def headline(record: Mapping[str, Any], num_rounds: int) -> str:
     def accuracy(name: str) -> str:
         return f"{record[name]:.4f}" if name in record else "n/a"
 
+    structure = f" | purity {record['purity']:.2f}" if "purity" in record else ""
     return (
-        f"[round {record['round']}/{num_rounds}] local acc {accuracy('local_acc')} | "
-        f"global acc {accuracy('global_acc')} | "
+        f"[round {record['round']}/{num_rounds}] local acc {accuracy('local_acc')} "
+        f"(trained {accuracy('trained_local_acc')}) | global acc {accuracy('global_acc')} | "
         f"train loss {record.get('train_loss', float('nan')):.3f} | expert load "
         f"{record['load_clients']} (CV {record['load_clients_cv']:.3f}, cumulative CV "
         f"{record['cum_load_clients_cv']:.3f}) | samples CV {record['load_samples_cv']:.3f} | "
+        f"churn {record.get('churn', 0.0):.2f}{structure} | "
         f"alloc {1000 * record['allocation_time_s']:.1f} ms | {record['round_time_s']:.1f} s"
     )

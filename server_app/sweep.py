@@ -372,12 +372,13 @@ def skip_finished(job: Job, settings: SweepSettings, previous: JobStatus | None)
     return _value(value)
 
 
-def run_in_this_process(overrides: Sequence[str], log: Path) -> int:
+def run_in_this_process(overrides: Sequence[str], log: Path, echo: Callable[[str], None]) -> int:
     """Run one job's simulation in this process (``sweep.federation=inprocess``).
 
     The ServerApp and ClientApp run as under ``flwr run``, on an in-process grid
-    (:mod:`server_app.inprocess`); Flower's log goes to ``log``. Returns 0, or 1 when
-    the run failed (its summary.json says why, as under ``flwr run``).
+    (:mod:`server_app.inprocess`). Flower's log goes to ``log`` and, line by line, to
+    ``echo`` (as a ``flwr run`` job's output does), not to the console. Returns 0, or
+    1 when the run failed (its summary.json says why, as under ``flwr run``).
     """
     from flexmoe_core.config import load_config
 
@@ -390,10 +391,20 @@ def run_in_this_process(overrides: Sequence[str], log: Path) -> int:
         cfg = load_config(list(overrides))
     finally:
         Singleton.set_state(hydra_state)
-    handler = logging.FileHandler(log, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s: %(message)s"))
+
+    class Echo(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            echo(self.format(record) + "\n")
+
+    formatter = logging.Formatter("%(levelname)s %(asctime)s: %(message)s")
+    to_file, to_echo = logging.FileHandler(log, encoding="utf-8"), Echo()
     flower_logger = logging.getLogger("flwr")
-    flower_logger.addHandler(handler)
+    console = list(flower_logger.handlers)
+    for handler in console:
+        flower_logger.removeHandler(handler)
+    for handler in (to_file, to_echo):
+        handler.setFormatter(formatter)
+        flower_logger.addHandler(handler)
     try:
         run_inprocess(cfg)
         return 0
@@ -401,8 +412,11 @@ def run_in_this_process(overrides: Sequence[str], log: Path) -> int:
         flower_logger.error("the run failed: %s: %s", type(err).__name__, err)
         return 1
     finally:
-        flower_logger.removeHandler(handler)
-        handler.close()
+        for handler in (to_file, to_echo):
+            flower_logger.removeHandler(handler)
+        to_file.close()
+        for handler in console:
+            flower_logger.addHandler(handler)
 
 
 def run_job(cfg: DictConfig, settings: SweepSettings, job: Job) -> float | None:
@@ -449,7 +463,7 @@ def run_job(cfg: DictConfig, settings: SweepSettings, job: Job) -> float | None:
     code, error = None, None
     try:
         if settings.federation == INPROCESS:
-            code = run_in_this_process(overrides, log)
+            code = run_in_this_process(overrides, log, echo)
         else:
             command = flwr_command(settings, app_dir, int(cfg.num_clients), overrides)
             with contextlib.ExitStack() as stack:
