@@ -290,6 +290,19 @@ SETTINGS: tuple[Setting, ...] = (
         "[0, inf)",
         meaning="rounds without an accepted update before the run stops, 0: never",
     ),
+    S(
+        "faults.backoff_after",
+        "int",
+        "[0, inf)",
+        meaning="failed rounds in a row before a client is left out, 0: never",
+    ),
+    S("faults.backoff_rounds", "int", "[1, inf)", meaning="rounds of a client's first pause"),
+    S(
+        "faults.backoff_max_rounds",
+        "int",
+        "[faults.backoff_rounds, inf)",
+        meaning="longest pause of a failing client",
+    ),
     S("faults", "mapping", meaning="failure injection", check=_faults),
     S("checkpoint.enabled", "bool", meaning="write checkpoint.npz every round"),
     S(
