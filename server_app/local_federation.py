@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Start a local Flower federation on loopback: one SuperLink and N SuperNodes.
 
 Each SuperNode declares its own expert capacity (and its data: a partition of the
@@ -8,9 +7,11 @@ authentication (``--auth``): certificates and keys are generated for the trial i
 the work directory. The script writes a ``[superlink.<name>]`` entry to
 ``$FLWR_HOME/config.toml`` and prints the ``flwr run`` command that uses it.
 
-    python scripts/local_federation.py start /tmp/fed --nodes 3 --capacities 1,2,4
+    flexmoe-federation start /tmp/fed --nodes 3 --capacities 1,2,4
     flwr run . flexmoe-local --stream --run-config 'overrides="num_clients=3"'
-    python scripts/local_federation.py stop /tmp/fed
+    flexmoe-federation stop /tmp/fed
+
+(``python scripts/local_federation.py`` is the same command from a checkout.)
 
 ``add-node`` adds a SuperNode to a running federation (``--unregistered``: with a
 key the SuperLink does not know, to see it refused). ``kill-node`` ends a SuperNode
@@ -18,7 +19,12 @@ and its ClientApp processes with SIGKILL, as a device that loses power; ``restar
 starts it again with the same node config (it gets a new Flower node id and claims
 its client key back). ``stop`` ends every process the script started (their ids are in
 ``<workdir>/federation.json``) and removes the config entry. Everything listens on
-127.0.0.1 only.
+127.0.0.1 only. A SuperNode counts as connected once ``flwr supernode list --format
+json`` lists a new online node; its Flower node id is kept in the state file.
+
+``stop-local`` stops the SuperLink that ``flwr run`` starts for local simulations, if it
+is this user's, with this ``$FLWR_HOME``: it is found by its log file, which lies in
+that Flower home, never by its name (another user's SuperLink is left alone).
 """
 
 from __future__ import annotations
@@ -41,10 +47,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+import tomlkit
 
 STATE_FILE = "federation.json"
 LOOPBACK = "127.0.0.1"
@@ -52,6 +55,8 @@ DEFAULT_NAME = "flexmoe-local"
 # Written when $FLWR_HOME/config.toml does not exist yet: Flower's own default entry
 # for local simulations, so `flwr run .` keeps working next to ours.
 DEFAULT_CONFIG = {"superlink": {"default": "local", "local": {"address": ":local:"}}}
+# Where `flwr run` keeps the local simulation SuperLink's log, under $FLWR_HOME.
+LOCAL_SUPERLINK_LOG = Path("local-superlink") / "superlink.log"
 
 
 # ----------------------------------------------------------------- utilities
@@ -132,7 +137,6 @@ def alive(pid: int, start_time: int | None = None) -> bool:
 def spawn(command: list[str], log_path: Path, env: dict[str, str]) -> dict[str, Any]:
     """Start ``command`` in its own session, output to ``log_path``; return its record."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    offset = log_path.stat().st_size if log_path.is_file() else 0
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             command,
@@ -147,7 +151,6 @@ def spawn(command: list[str], log_path: Path, env: dict[str, str]) -> dict[str, 
         "start_time": _start_time(process.pid),
         "command": command,
         "log": str(log_path),
-        "log_size": offset,
     }
 
 
@@ -278,54 +281,21 @@ def make_node_key(key_dir: Path, label: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------ config.toml entry
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def dump_toml(data: dict[str, Any]) -> str:
-    """Serialise nested tables of scalars and lists (enough for Flower's config.toml)."""
-    lines: list[str] = []
-
-    def table(prefix: list[str], values: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in values.items() if not isinstance(v, dict)}
-        if prefix and (scalars or not values):
-            lines.append(f"[{'.'.join(prefix)}]")
-        for key, value in scalars.items():
-            lines.append(f"{key} = {_toml_value(value)}")
-        if scalars:
-            lines.append("")
-        for key, value in values.items():
-            if isinstance(value, dict):
-                table([*prefix, key], value)
-
-    table([], data)
-    return "\n".join(lines).rstrip() + "\n"
-
-
 def write_connection(home: Path, name: str, entry: dict[str, Any] | None) -> Path:
-    """Set (or with ``entry=None`` remove) ``[superlink.<name>]`` in ``home/config.toml``."""
+    """Set (or with ``entry=None`` remove) ``[superlink.<name>]`` in ``home/config.toml``.
+
+    The file is edited, not rewritten: its other entries, comments and layout stay.
+    """
     path = home / "config.toml"
-    config = (
-        tomllib.loads(path.read_text())
-        if path.is_file()
-        else json.loads(json.dumps(DEFAULT_CONFIG))
-    )
-    links = config.setdefault("superlink", {})
+    config = tomlkit.parse(path.read_text()) if path.is_file() else tomlkit.item(DEFAULT_CONFIG)
+    links = config.setdefault("superlink", tomlkit.table())
     if entry is None:
         links.pop(name, None)
     else:
         links[name] = entry
     home.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dump_toml(config))
+    tmp.write_text(tomlkit.dumps(config))
     os.replace(tmp, path)
     return path
 
@@ -351,11 +321,42 @@ def wait_for_superlink(port: int, ca: str | None, timeout: float, record: dict) 
     raise SystemExit(f"The SuperLink did not answer within {timeout:.0f} s; see {record['log']}")
 
 
-def wait_for_node(record: dict, timeout: float, after: int | None = None) -> str:
-    """Wait until a SuperNode is connected ("SuperNode ID" in its log) or has exited.
+def list_nodes(state: dict[str, Any]) -> dict[int, tuple[str, str]]:
+    """Return the SuperLink's SuperNodes: node id -> (status, online since).
 
-    ``after``: where in the log this start's output begins (a restarted node appends
-    to its log).
+    From ``flwr supernode list <connection> --format json``.
+    """
+    done = subprocess.run(
+        [str(bin_dir() / "flwr"), "supernode", "list", state["name"], "--format", "json"],
+        env=process_env(Path(state["cli_home"])),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        nodes = json.loads(done.stdout)["nodes"]
+        return {int(n["node-id"]): (str(n["status"]), str(n["online-at"])) for n in nodes}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise SystemExit(
+            f"`flwr supernode list {state['name']} --format json` failed:\n"
+            f"{done.stdout}{done.stderr}"
+        ) from None
+
+
+def online(state: dict[str, Any]) -> dict[int, str]:
+    """Return the SuperNodes online now: node id -> when they came online."""
+    return {n: since for n, (status, since) in list_nodes(state).items() if status == "online"}
+
+
+def wait_for_node(
+    state: dict[str, Any], record: dict, timeout: float, before: dict[int, str]
+) -> str:
+    """Wait until the SuperLink lists a new connection, or the SuperNode process exits.
+
+    ``before``: :func:`online` just before the SuperNode started. A new connection is
+    a node online now that was not then, or that came online again since (a node
+    with an authentication key keeps its node id across restarts). The node's id is
+    stored in ``record["node_id"]``.
 
     Returns
     -------
@@ -363,14 +364,14 @@ def wait_for_node(record: dict, timeout: float, after: int | None = None) -> str
         ``"connected"``, ``"exited"`` (e.g. refused by the SuperLink) or ``"timeout"``.
     """
     deadline = time.monotonic() + timeout
-    log = Path(record["log"])
     while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")[after or 0 :] if log.is_file() else ""
-        if "SuperNode ID:" in text:
-            return "connected"
         if not alive(record["pid"], record["start_time"]):
             return "exited"
-        time.sleep(0.3)
+        new = [n for n, since in online(state).items() if before.get(n) != since]
+        if new:
+            record["node_id"] = new[0]
+            return "connected"
+        time.sleep(0.5)
     return "timeout"
 
 
@@ -420,11 +421,12 @@ def start_node(
                 raise SystemExit(
                     f"Registering {label}'s public key failed:\n{done.stdout}{done.stderr}"
                 )
+    before = online(state)
     record = spawn(command, workdir / "logs" / f"{label}.log", env)
     record.update(role="supernode", label=label, node_config=config, registered=register)
     state["processes"].append(record)
     save_state(workdir, state)
-    record["status"] = wait_for_node(record, timeout, after=record["log_size"])
+    record["status"] = wait_for_node(state, record, timeout, before)
     save_state(workdir, state)
     return record
 
@@ -491,7 +493,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     print(f"Connection [superlink.{args.name}] written to {config_path}")
     print("Run the app on it (from the project folder):")
     print(f"  flwr run . {args.name} --stream --run-config 'overrides=\"{overrides}\"'")
-    print(f"Stop it: {shlex.join([sys.executable, sys.argv[0], 'stop', str(workdir)])}")
+    print(f"Follow runs: flwr ls {args.name}; flwr log <run-id> {args.name} --stream")
+    print(f"Stop a run: flwr stop <run-id> {args.name}")
+    print(f"Stop the federation: flexmoe-federation stop {shlex.quote(str(workdir))}")
     if failed:
         print("SuperNodes that did not connect: " + "; ".join(failed), file=sys.stderr)
         return 1
@@ -553,13 +557,14 @@ def cmd_restart_node(args: argparse.Namespace) -> int:
         raise SystemExit(f"{args.label} is still running; kill-node it first")
     command = list(record["command"])
     command[command.index("--port") + 1] = str(free_port())
+    before = online(state)
     restarted = spawn(command, Path(record["log"]), process_env(Path(state["home"])))
     restarted.update(
         role="supernode", label=args.label, node_config=record["node_config"], registered=True
     )
     state["processes"].append(restarted)
     save_state(workdir, state)
-    restarted["status"] = wait_for_node(restarted, args.timeout, after=restarted["log_size"])
+    restarted["status"] = wait_for_node(state, restarted, args.timeout, before)
     save_state(workdir, state)
     print(f"{args.label}: {restarted['status']} (log: {restarted['log']})")
     return 0 if restarted["status"] == "connected" else 1
@@ -603,13 +608,50 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 1 if still else 0
 
 
+def local_superlinks(home: Path) -> list[int]:
+    """Return the pids of this user's ``flower-superlink`` logging to ``home``'s local log.
+
+    That is the SuperLink ``flwr run`` starts for local simulations with
+    ``FLWR_HOME=home``; its command line names the log file.
+    """
+    log = str(home / LOCAL_SUPERLINK_LOG)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv]
+        if any(Path(w).name == "flower-superlink" for w in words[:2]) and log in words:
+            found.append(int(entry.name))
+    return found
+
+
+def cmd_stop_local(args: argparse.Namespace) -> int:
+    """Stop the local simulation SuperLink of this ``$FLWR_HOME`` (and its children)."""
+    home = flwr_home()
+    pids = local_superlinks(home)
+    if not pids:
+        print(f"No local SuperLink of FLWR_HOME={home} is running")
+        return 0
+    processes = [{"pid": p, "start_time": _start_time(p), "role": "superlink"} for p in pids]
+    stopped = stop_processes({"processes": processes})
+    print(f"Stopped the local SuperLink of FLWR_HOME={home} (pids {', '.join(map(str, stopped))})")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Print each started process and whether it still runs."""
     state = load_state(Path(args.workdir).expanduser().resolve())
     for record in state["processes"]:
         running = alive(record["pid"], record["start_time"])
         label = record.get("label", record["role"])
-        print(f"{label:24s} pid {record['pid']:>7d} {'running' if running else 'stopped'}")
+        node = f" node {record['node_id']}" if "node_id" in record else ""
+        print(f"{label:24s} pid {record['pid']:>7d} {'running' if running else 'stopped'}{node}")
     return 0
 
 
@@ -663,6 +705,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     stop.add_argument("workdir")
     status = sub.add_parser("status", help="list the processes started there")
     status.add_argument("workdir")
+    sub.add_parser(
+        "stop-local",
+        help="stop the SuperLink `flwr run` started for local simulations ($FLWR_HOME's)",
+    )
     args = parser.parse_args(argv)
     if args.command == "start":
         if args.nodes < 1:
@@ -677,13 +723,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"start": cmd_start, "add-node": cmd_add_node, "stop": cmd_stop}
     commands |= {"status": cmd_status, "kill-node": cmd_kill_node}
     commands["restart-node"] = cmd_restart_node
+    commands["stop-local"] = cmd_stop_local
     try:
         return commands[args.command](args)
-    except SystemExit as stop:
+    except (SystemExit, Exception):
         if args.command == "start" and (Path(args.workdir) / STATE_FILE).is_file():
-            # A half-started federation must not be left running.
+            # A half-started federation must not be left running, whatever stopped it.
             stop_processes(load_state(Path(args.workdir).expanduser().resolve()))
-        raise stop
+        raise
 
 
 if __name__ == "__main__":
