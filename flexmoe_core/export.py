@@ -300,6 +300,7 @@ def _export_onnx(module: nn.Module, example: Tensor, path: Path) -> tuple[Path |
         output_names=["logits"],
         dynamic_shapes={"pixels": {0: batch}},
         dynamo=True,
+        external_data=False,  # one self-contained file: a device copies one file
         verbose=False,
     )
     return path, None

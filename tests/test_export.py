@@ -142,6 +142,9 @@ def test_onnx_export_where_the_exporter_is_installed(finished_run, tmp_path) -> 
     _, run_dir, state_dir = finished_run
     result = export(run_dir, state_dir, tmp_path, client_key=2)
     assert result.onnx is not None and result.onnx_skipped is None
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("model.onnx")] == [
+        "model.onnx"
+    ]  # one file, the weights inside
     graph = onnx.load(str(result.onnx)).graph
     assert [i.name for i in graph.input] == ["pixels"]
     assert json.loads(json.dumps(result.personal.experts)) == result.personal.experts
