@@ -170,16 +170,17 @@ def save_state(workdir: Path, state: dict[str, Any]) -> None:
 
 
 # -------------------------------------------------------------- TLS and keys
-def make_certificates(cert_dir: Path) -> dict[str, str]:
-    """Generate a CA and a SuperLink certificate for 127.0.0.1/localhost (trial only).
+def make_certificates(cert_dir: Path, hosts: Sequence[str] = ()) -> dict[str, str]:
+    """Generate a CA and a SuperLink certificate for 127.0.0.1, localhost and ``hosts``.
+
+    For trials: a production SuperLink uses certificates from the organisation's CA.
+    ``hosts`` are the addresses (IP or DNS name) devices reach the SuperLink at.
 
     Returns
     -------
     dict
         Paths of ``ca`` (the root certificate clients trust), ``cert`` and ``key``.
     """
-    import ipaddress
-
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -233,10 +234,8 @@ def make_certificates(cert_dir: Path) -> dict[str, str]:
         .not_valid_before(valid[0])
         .not_valid_after(valid[1])
         .add_extension(
-            # The SuperNodes, the CLI and the SuperExec connect to 127.0.0.1.
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address(LOOPBACK)), x509.DNSName("localhost")]
-            ),
+            # The CLI and the SuperExec connect to 127.0.0.1; devices to ``hosts``.
+            x509.SubjectAlternativeName([_subject(h) for h in (LOOPBACK, "localhost", *hosts)]),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -254,6 +253,17 @@ def make_certificates(cert_dir: Path) -> dict[str, str]:
     )
     paths["key"].chmod(0o600)
     return {k: str(v) for k, v in paths.items()}
+
+
+def _subject(host: str) -> Any:
+    import ipaddress
+
+    from cryptography import x509
+
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
 
 
 def make_node_key(key_dir: Path, label: str) -> dict[str, str]:
@@ -502,6 +512,26 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    """Write a trial CA and a SuperLink certificate for the given addresses."""
+    paths = make_certificates(Path(args.dir).expanduser().resolve(), args.host)
+    print(f"CA (give it to every device and to flwr): {paths['ca']}")
+    print(f"SuperLink certificate and key: {paths['cert']}, {paths['key']}")
+    return 0
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    """Add (or replace) a SuperLink connection in $FLWR_HOME/config.toml for flwr."""
+    entry: dict[str, Any] = {"address": args.address}
+    if args.root_certificates:
+        entry["root-certificates"] = str(Path(args.root_certificates).expanduser().resolve())
+    else:
+        entry["insecure"] = True
+    path = write_connection(flwr_home(), args.name, entry)
+    print(f"Connection [superlink.{args.name}] written to {path}")
+    return 0
+
+
 def cmd_add_node(args: argparse.Namespace) -> int:
     """Add a SuperNode to the running federation (``--unregistered``: an unknown key)."""
     workdir = Path(args.workdir).expanduser().resolve()
@@ -705,6 +735,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     stop.add_argument("workdir")
     status = sub.add_parser("status", help="list the processes started there")
     status.add_argument("workdir")
+    certs = sub.add_parser("certs", help="write a trial CA and SuperLink certificate")
+    certs.add_argument("dir", help="folder for ca.pem, cert.pem and key.pem")
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="an address devices reach the SuperLink at (repeatable)",
+    )
+    connect = sub.add_parser("connect", help="add a SuperLink connection for flwr")
+    connect.add_argument("name", help="the connection's name (flwr run . <name>)")
+    connect.add_argument("address", help="the SuperLink's host:port")
+    connect.add_argument("--root-certificates", help="the CA of its TLS certificate")
     sub.add_parser(
         "stop-local",
         help="stop the SuperLink `flwr run` started for local simulations ($FLWR_HOME's)",
@@ -724,6 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands |= {"status": cmd_status, "kill-node": cmd_kill_node}
     commands["restart-node"] = cmd_restart_node
     commands["stop-local"] = cmd_stop_local
+    commands |= {"certs": cmd_certs, "connect": cmd_connect}
     try:
         return commands[args.command](args)
     except (SystemExit, Exception):
