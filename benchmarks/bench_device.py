@@ -7,7 +7,12 @@ counted tensor by tensor in one real training step), and the capacity K that
 ``capacity=auto`` derives for a 256 MiB and a 1 GiB budget:
 K = min(E, floor((budget - trunk) / expert)).
 
-Part 2: the size of what ``flexmoe-export`` writes (TorchScript, the same wrapper and
+Part 2: the peak resident memory of a ClientApp process (runtime, data and training
+together): the device check of ``tests/client_profile_check.py`` (a capacity query
+with ``capacity=auto``, then one training round of the default digits run on 300
+images) in a process of its own, its ``VmHWM``.
+
+Part 3: the size of what ``flexmoe-export`` writes (TorchScript, the same wrapper and
 trace) for a client holding k = 1 and 2 of the 8 experts, against the dense model
 (the trunk and all 8 experts), with the parameter bytes behind each.
 
@@ -18,6 +23,10 @@ trace) for a client holding k = 1 and 2 of the 8 experts, against the dense mode
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flexmoe_core.config import load_config  # noqa: E402
+from flexmoe_core.config import load_config, to_container  # noqa: E402
 from flexmoe_core.data.sources import Normaliser  # noqa: E402
 from flexmoe_core.export import Deployable  # noqa: E402
 from flexmoe_core.footprint import MIB, measure_footprint  # noqa: E402
@@ -58,6 +67,28 @@ def footprint_rows(names: list[str]) -> None:
         print(f"{label:30s} {fp.batch_size:5d} {fp.trunk_bytes / MIB:10.2f} ", end="")
         print(f"{fp.expert_bytes / MIB:11.2f} ", end="")
         print(" ".join(f"{fp.capacity(b * MIB, e):10d}" for b in BUDGETS_MIB))
+
+
+def process_row() -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_deployment import write_digits_folder
+
+    print()
+    with tempfile.TemporaryDirectory() as tmp:
+        run_config = Path(tmp) / "run-config.json"
+        run_config.write_text(json.dumps(to_container(load_config("run_name=bench"))))
+        data = write_digits_folder(Path(tmp) / "digits", per_class=30)
+        check = ROOT / "tests" / "client_profile_check.py"
+        done = subprocess.run(
+            [sys.executable, str(check), str(run_config), str(data)],
+            env={**os.environ, "PYTHONPATH": str(ROOT), "FLEXMOE_CACHE_DIR": tmp},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    peak = re.search(r"peak resident memory (\d+) MiB", done.stdout)
+    assert peak, done.stdout
+    print(f"ClientApp process, default digits run, one query + one round: peak {peak[1]} MiB")
 
 
 def _saved_size(model, cfg, folder: Path, label: str) -> int:
@@ -102,6 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     names = [args.only] if args.only else list(MODELS)
     footprint_rows(names)
+    process_row()
     export_rows(names)
 
 

@@ -105,9 +105,15 @@ def main() -> int:
     assert reply.content[proto.METRICS][proto.NUM_EXAMPLES] > 0
     loaded = [m for m in ("cvxpy", "ray", "sklearn", "scipy", "matplotlib") if m in sys.modules]
     assert not loaded, loaded
+    peak = next(
+        int(line.split()[1]) // 1024
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith("VmHWM:")
+    )
     print(
         f"client profile ok: capacity {capacity}, trained on "
-        f"{reply.content[proto.METRICS][proto.NUM_EXAMPLES]} examples"
+        f"{reply.content[proto.METRICS][proto.NUM_EXAMPLES]} examples; "
+        f"peak resident memory {peak} MiB"
     )
     return 0
 

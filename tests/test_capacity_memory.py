@@ -39,6 +39,14 @@ def test_footprint_counts_parameters_gradients_momentum_and_activations() -> Non
     assert large.trunk_bytes > small.trunk_bytes > 0
 
 
+def test_a_one_expert_model_is_measured_too() -> None:
+    cfg = fast_config(
+        "model.num_experts=1 model.top_k=1 capacity.profile=constant capacity.value=1"
+    )
+    fp = measure_footprint(cfg.model, list(cfg.dataset.input_shape), 10, 8)
+    assert fp.expert_bytes > 0 and fp.capacity(fp.trunk_bytes + fp.expert_bytes, 1) == 1
+
+
 def test_capacity_is_the_experts_that_fit_next_to_the_trunk() -> None:
     fp = Footprint(trunk_bytes=100, expert_bytes=30, batch_size=1)
     assert fp.capacity(100 + 3 * 30, 8) == 3
