@@ -289,7 +289,8 @@ def _export_onnx(module: nn.Module, example: Tensor, path: Path) -> tuple[Path |
     except ImportError as err:
         return None, (
             f"ONNX skipped: the exporter needs onnx and onnxscript ({err.name} is not "
-            'installed; pip install "flexmoe[export]" or "flexmoe-client[export]")'
+            'installed: pip install "flexmoe[export]", or on a device the client profile\'s '
+            '"<project>/packaging/client[export]")'
         )
     batch = torch.export.Dim("batch", min=1)
     torch.onnx.export(

@@ -99,7 +99,7 @@ class NodeSettings:
             if "data-path" in self.config:
                 raise ValueError(
                     f"{self.describe()} sets data-path but no capacity; add capacity=K "
-                    f"(1 <= K <= {num_experts}) or capacity=auto to its --node-config"
+                    f'(1 <= K <= {num_experts}) or capacity="auto" to its --node-config'
                 )
             k = simulated_capacity(cfg.capacity, self.partition()[0], num_experts, int(cfg.seed))
             return self._lowered_by_file(cfg, CapacityReport(k))
@@ -118,7 +118,7 @@ class NodeSettings:
         except ValueError as err:
             raise ValueError(
                 f"{err} (restart the SuperNode with --node-config 'capacity=K ...', "
-                f"1 <= K <= {num_experts}, or capacity=auto)"
+                f'1 <= K <= {num_experts}, or capacity="auto")'
             ) from None
 
     def _from_memory(self, cfg: DictConfig) -> CapacityReport:
