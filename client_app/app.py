@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flexmoe_core import protocol as proto
 from flexmoe_core.checkpoint import (
+    HELD_EXPERTS,
     gate_dir,
     load_gate,
     pick_gate_version,
@@ -94,8 +95,6 @@ def client_data(cfg: DictConfig, context: Context) -> ClientData:
 # ``state-dir`` or the run sets ``checkpoint.client_dir``, so that a resumed run
 # starts every round from the same gate as an uninterrupted one.
 _GATE_VERSION = f"{proto.GATE}@"
-# Stored with each gate version: the experts the client held when the gate trained.
-HELD_EXPERTS = "held-experts"
 
 
 def _state_versions(context: Context) -> dict[int, str]:
@@ -190,10 +189,18 @@ def evaluate_received(
 def node_info(cfg: DictConfig, context: Context) -> ConfigRecord:
     """Return what the server asks of a node: capacity, client key, partition count.
 
-    The capacity is read anew each time: a node may report a new one with any reply.
+    The capacity is read anew each time (its ``capacity-file`` included): a node may
+    report a new one with any reply. With ``capacity=auto`` the memory budget it was
+    derived from goes along.
     """
     settings = node(context)
-    info = {proto.CAPACITY: settings.capacity(cfg), proto.CLIENT_KEY: settings.client_key()}
+    report = settings.capacity_report(cfg)
+    info: dict[str, int | float] = {
+        proto.CAPACITY: report.capacity,
+        proto.CLIENT_KEY: settings.client_key(),
+    }
+    if report.memory_mb is not None:
+        info[proto.MEMORY_MB] = float(report.memory_mb)
     if "num-partitions" in settings.config and "data-path" not in settings.config:
         info[proto.NUM_PARTITIONS] = int(settings.config["num-partitions"])
     return ConfigRecord(info)

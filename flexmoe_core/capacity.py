@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from omegaconf import DictConfig
+
+# The node config's ``capacity`` value that derives K from a memory budget.
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class CapacityReport:
+    """What a node reports about its capacity: K, and the memory budget behind it.
+
+    ``memory_mb`` is the budget (MiB) K was derived from with ``capacity=auto``; None
+    when K was declared.
+    """
+
+    capacity: int
+    memory_mb: float | None = None
 
 
 def simulated_capacity(

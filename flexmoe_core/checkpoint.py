@@ -272,6 +272,11 @@ def check_model_arrays(
 
 
 # ------------------------------------------------------------------ client gates
+# Stored with each gate version beside its arrays: the experts the client held when the
+# gate trained (a newly held expert's gate row is set from it, see model.inherit_gate_rows).
+HELD_EXPERTS = "held-experts"
+
+
 def pick_gate_version(rounds: Iterable[int], latest_round: int) -> int | None:
     """Return the newest version trained in a round ``<= latest_round`` (None if none)."""
     eligible = [r for r in rounds if r <= latest_round]

@@ -23,6 +23,7 @@ model options do not break validation before their row is written.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -166,6 +167,16 @@ def _moe_cut(value: Any, cfg: DictConfig) -> list[str]:
     return moe_cut_problems(backbone, value)
 
 
+def _installed(module: str, extra: str, setting: str) -> list[str]:
+    """Say how to install an optional extra the setting needs, if it is missing.
+
+    Checked here, once, so that a run does not fail rounds later at the first import.
+    """
+    if importlib.util.find_spec(module) is None:
+        return [f'{setting}=true needs {module}: pip install "flexmoe[{extra}]"']
+    return []
+
+
 def _privacy_needs_mean(value: Any, cfg: DictConfig) -> list[str]:
     method = OmegaConf.select(cfg, "aggregation.method")
     if value and method != "mean":
@@ -173,7 +184,11 @@ def _privacy_needs_mean(value: Any, cfg: DictConfig) -> list[str]:
             f"differential privacy calibrates its noise to a mean, not to "
             f"aggregation.method={method}; set aggregation.method=mean or privacy.enabled=false"
         ]
-    return []
+    return _installed("opacus", "privacy", "privacy.enabled") if value else []
+
+
+def _wandb_installed(value: Any, cfg: DictConfig) -> list[str]:
+    return _installed("wandb", "wandb", "wandb.enabled") if value else []
 
 
 # --------------------------------------------------------------------- the table
@@ -288,7 +303,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("timeouts.wait_for_clients_s", "float", "[0, inf)", meaning="wait for nodes at start"),
     S("timeouts.round_s", "float", "(0, inf)", meaning="wait for replies in a round"),
     # logging, faults, checkpoints
-    S("wandb.enabled", "bool", meaning="W&B logging"),
+    S("wandb.enabled", "bool", meaning="W&B logging", check=_wandb_installed),
     S("wandb.project", "str", meaning="W&B project"),
     S("wandb.entity", "str|null", meaning="W&B entity"),
     S("wandb.mode", "str", choices=("offline", "online", "disabled"), meaning="W&B mode"),
@@ -301,6 +316,19 @@ SETTINGS: tuple[Setting, ...] = (
         "int",
         "[0, inf)",
         meaning="rounds without an accepted update before the run stops, 0: never",
+    ),
+    S(
+        "faults.backoff_after",
+        "int",
+        "[0, inf)",
+        meaning="failed rounds in a row before a client is left out, 0: never",
+    ),
+    S("faults.backoff_rounds", "int", "[1, inf)", meaning="rounds of a client's first pause"),
+    S(
+        "faults.backoff_max_rounds",
+        "int",
+        "[faults.backoff_rounds, inf)",
+        meaning="longest pause of a failing client",
     ),
     S("faults", "mapping", meaning="failure injection", check=_faults),
     S("checkpoint.enabled", "bool", meaning="write checkpoint.npz every round"),

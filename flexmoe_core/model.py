@@ -104,11 +104,7 @@ class MoEClassifier(nn.Module):
     def forward(self, x: Tensor) -> MoEOutput:
         """Route each sample to its top-k assigned experts and mix their logits."""
         features = self.backbone(x)  # (batch, channels, H, W)
-        pooled = features.mean(dim=(2, 3))  # (batch, channels)
-        gate_logits = self.gate(pooled).index_select(1, self.assigned)  # (batch, k): A_c only
-        probs = gate_logits.softmax(dim=-1)  # (batch, k)
-        top_p, top_i = probs.topk(self.top_k, dim=-1)  # (batch, top_k)
-        weights = top_p / top_p.sum(dim=-1, keepdim=True)  # renormalised over the chosen
+        probs, top_i, weights = self.route(features)
         routed = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top_i, True)  # (batch, k)
         if self.dispatch == "sparse":
             logits, expert_logits = self._sparse(features, top_i, weights)
@@ -118,6 +114,29 @@ class MoEClassifier(nn.Module):
         share = routed.float().mean(0) / self.top_k  # (k,)
         aux_loss = probs.size(1) * (share * probs.mean(0)).sum()
         return MoEOutput(logits, expert_logits, routed, aux_loss)
+
+    def route(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Return the gate's routing: probabilities, top-k choices and their weights.
+
+        Probabilities over A_c (batch, k), each sample's top-k (batch, top_k), and
+        their weights, renormalised over the chosen.
+        """
+        pooled = features.mean(dim=(2, 3))  # (batch, channels)
+        gate_logits = self.gate(pooled).index_select(1, self.assigned)  # (batch, k): A_c only
+        probs = gate_logits.softmax(dim=-1)  # (batch, k)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)  # (batch, top_k)
+        return probs, top_i, top_p / top_p.sum(dim=-1, keepdim=True)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Return the class logits only, with dense dispatch (the export's forward).
+
+        The same logits as :meth:`forward`'s, without the feedback and balance-loss
+        terms training needs, and without data-dependent branches, so one trace
+        (TorchScript, ONNX) serves every input.
+        """
+        features = self.backbone(x)
+        _, top_i, weights = self.route(features)
+        return self._dense(features, top_i, weights)[0]
 
     def _sparse(self, features: Tensor, top_i: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
         """Run each expert on its routed samples only: gather, run, scatter-add.

@@ -4,17 +4,29 @@ A simulated node gets ``partition-id``/``num-partitions`` from Flower; a deploye
 SuperNode declares ``capacity``, and ``data-path`` (its own files) or a partition of a
 named dataset for trials, plus optionally ``client-id``, ``data-format`` and
 ``state-dir``.
+
+Capacity settings of a deployed node:
+
+* ``capacity=K``: it holds K experts;
+* ``capacity=auto``: K is what its memory budget allows (:mod:`flexmoe_core.footprint`):
+  ``memory-mb`` if set, else a share of the RAM available when it is asked;
+* ``capacity-file=<path>``: a file holding a number (or ``auto``), read anew before
+  every reply: the node's capacity is the lower of the file's and the node config's,
+  so a device lowers its capacity (low battery, another app needs the memory) by
+  writing the file, without restarting the SuperNode. A missing file leaves the node
+  config's capacity.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from .capacity import parse_capacity, simulated_capacity
+from .capacity import AUTO, CapacityReport, parse_capacity, simulated_capacity
 from .data import DatasetError
 from .data.files import resolve_paths
 
@@ -66,33 +78,89 @@ class NodeSettings:
         return self.client_key() % 2**31
 
     def capacity(self, cfg: DictConfig) -> int:
-        """Return k_c: the node config's ``capacity`` if set, else the simulation profile.
+        """Return k_c (see :meth:`capacity_report`)."""
+        return self.capacity_report(cfg).capacity
+
+    def capacity_report(self, cfg: DictConfig) -> CapacityReport:
+        """Return k_c, and the memory budget it was derived from with ``capacity=auto``.
+
+        The node config's ``capacity`` (K or ``auto``) if set, lowered by the
+        ``capacity-file``'s value if that file exists; else the simulation profile.
 
         Raises
         ------
         ValueError
-            If the capacity is not an integer in [1, E], or a ``data-path`` node
-            declares none; the message names the node and the setting to fix.
+            If a capacity is not an integer in [1, E] or ``auto``, the memory budget
+            holds no expert, the capacity file is unreadable, or a ``data-path`` node
+            declares no capacity; the message names the node and the setting to fix.
         """
         num_experts = int(cfg.model.num_experts)
-        if "capacity" in self.config:
-            try:
-                return parse_capacity(
-                    self.config["capacity"],
-                    num_experts,
-                    source=f"the node config of {self.describe()}",
-                )
-            except ValueError as err:
+        if "capacity" not in self.config:
+            if "data-path" in self.config:
                 raise ValueError(
-                    f"{err} (restart the SuperNode with --node-config 'capacity=K ...', "
-                    f"1 <= K <= {num_experts})"
-                ) from None
-        if "data-path" in self.config:
-            raise ValueError(
-                f"{self.describe()} sets data-path but no capacity; add capacity=K "
-                f"(1 <= K <= {num_experts}) to its --node-config"
+                    f"{self.describe()} sets data-path but no capacity; add capacity=K "
+                    f'(1 <= K <= {num_experts}) or capacity="auto" to its --node-config'
+                )
+            k = simulated_capacity(cfg.capacity, self.partition()[0], num_experts, int(cfg.seed))
+            return self._lowered_by_file(cfg, CapacityReport(k))
+        return self._lowered_by_file(
+            cfg, self._declared(cfg, self.config["capacity"], "the node config")
+        )
+
+    def _declared(self, cfg: DictConfig, value: object, where: str) -> CapacityReport:
+        num_experts = int(cfg.model.num_experts)
+        if str(value).strip().lower() == AUTO:
+            return self._from_memory(cfg)
+        try:
+            return CapacityReport(
+                parse_capacity(value, num_experts, source=f"{where} of {self.describe()}")
             )
-        return simulated_capacity(cfg.capacity, self.partition()[0], num_experts, int(cfg.seed))
+        except ValueError as err:
+            raise ValueError(
+                f"{err} (restart the SuperNode with --node-config 'capacity=K ...', "
+                f'1 <= K <= {num_experts}, or capacity="auto")'
+            ) from None
+
+    def _from_memory(self, cfg: DictConfig) -> CapacityReport:
+        # Imported here: torch's autograd machinery is only needed by capacity=auto.
+        from .footprint import MIB, measure_footprint, memory_budget_bytes
+
+        try:
+            budget, origin = memory_budget_bytes(self.config.get("memory-mb"))
+        except ValueError as err:
+            raise ValueError(f"{self.describe()}: {err}") from None
+        footprint = measure_footprint(
+            cfg.model,
+            list(cfg.dataset.input_shape),
+            int(cfg.dataset.num_classes),
+            int(cfg.train.batch_size),
+        )
+        k = footprint.capacity(budget, int(cfg.model.num_experts))
+        if k < 1:
+            raise ValueError(
+                f"{self.describe()}: capacity=auto: the memory budget ({origin}, "
+                f"{budget / MIB:.1f} MiB) holds the trunk ({footprint.trunk_bytes / MIB:.1f} "
+                f"MiB) but not one expert ({footprint.expert_bytes / MIB:.1f} MiB at batch "
+                f"size {footprint.batch_size}); raise memory-mb or lower train.batch_size"
+            )
+        return CapacityReport(k, memory_mb=budget / MIB)
+
+    def _lowered_by_file(self, cfg: DictConfig, declared: CapacityReport) -> CapacityReport:
+        if "capacity-file" not in self.config:
+            return declared
+        path = Path(str(self.config["capacity-file"])).expanduser()
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            return declared  # no file: the node config's capacity stands
+        except OSError as err:
+            raise ValueError(
+                f"{self.describe()}: capacity-file {path} cannot be read ({err.strerror})"
+            ) from None
+        from_file = self._declared(cfg, text, f"capacity-file {path}")
+        if from_file.capacity < declared.capacity:
+            return from_file
+        return declared
 
     def check_data_location(self) -> None:
         """Fail early (at the capacity query) if the node config locates no data.

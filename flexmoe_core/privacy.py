@@ -235,8 +235,10 @@ def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: flo
     try:  # imported here: Opacus loads torch and its own modules (seconds)
         from opacus.accountants import RDPAccountant
         from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-    except ImportError as err:  # pragma: no cover - opacus is a dependency
-        raise ImportError("privacy accounting needs Opacus: pip install 'opacus>=1.5'") from err
+    except ImportError as err:  # the settings check asks for it first (config_schema)
+        raise ImportError(
+            'privacy accounting needs Opacus: pip install "flexmoe[privacy]"'
+        ) from err
     orders = RDPAccountant.DEFAULT_ALPHAS
     rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=rounds, orders=orders)
     with warnings.catch_warnings():

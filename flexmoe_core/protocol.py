@@ -39,6 +39,7 @@ CAPACITY = "capacity"
 CLIENT_KEY = "client-key"
 NUM_PARTITIONS = "num-partitions"  # the partition count of a simulated node's node config
 NUM_EXAMPLES = "num-examples"
+MEMORY_MB = "memory-mb"  # the memory budget (MiB) a capacity=auto node derived K from
 
 SPLITS = ("local", "global")
 TRAIN_LOSS = "train-loss"
@@ -47,6 +48,8 @@ TRAIN_ACC = "train-acc"
 # Largest example count taken from a reply: counts above it lose integer precision
 # as floats (an honest client holds far fewer).
 MAX_EXAMPLES = 2**53
+# Largest memory budget taken from a reply, in MiB (1 PiB): far above any device.
+MAX_MEMORY_MB = 2.0**30
 # Errors a malformed reply field can raise while it is read (a missing key, a value
 # of the wrong type, a string, an infinite float turned into an int, a record of the
 # wrong kind): each is turned into a named failure of the node, never a crash.
@@ -114,6 +117,21 @@ class NodeInfo(NamedTuple):
     capacity: object  # as sent: checked by the roster against E
     num_partitions: int | None  # simulation: the partition count of its node config
     num_examples: int | None  # its training examples (query reply), if declared
+    memory_mb: float | None = None  # capacity=auto: the budget K was derived from
+
+
+def memory_budget(value: Any) -> float:
+    """Return a reported memory budget (MiB): a finite number in (0, MAX_MEMORY_MB].
+
+    Raises
+    ------
+    ValueError
+        If it is not a number, not finite, or out of range.
+    """
+    x = number(value, MEMORY_MB)
+    if not (math.isfinite(x) and 0.0 < x <= MAX_MEMORY_MB):
+        raise ValueError(f"{MEMORY_MB}={value!r} is not a budget in (0, {MAX_MEMORY_MB:.0f}] MiB")
+    return x
 
 
 def decode_info(record: Mapping[str, Any]) -> NodeInfo:
@@ -122,8 +140,9 @@ def decode_info(record: Mapping[str, Any]) -> NodeInfo:
     Raises
     ------
     ValueError
-        If the client key is missing or not a whole number >= 0, or a partition count
-        or example count is present but not a whole number >= 1.
+        If the client key is missing or not a whole number >= 0, a partition count
+        or example count is present but not a whole number >= 1, or a memory budget is
+        present but not a finite number of MiB in (0, 2^30].
     """
     try:
         key = count(record[CLIENT_KEY], CLIENT_KEY, high=2**64)
@@ -131,11 +150,13 @@ def decode_info(record: Mapping[str, Any]) -> NodeInfo:
     except KeyError as err:
         raise ValueError(f"info lacks {err}") from None
     partitions, examples = record.get(NUM_PARTITIONS), record.get(NUM_EXAMPLES)
+    memory = record.get(MEMORY_MB)
     return NodeInfo(
         key,
         capacity,
         None if partitions is None else count(partitions, NUM_PARTITIONS, low=1),
         None if examples is None else count(examples, NUM_EXAMPLES, low=1),
+        None if memory is None else memory_budget(memory),
     )
 
 

@@ -105,13 +105,15 @@ class Roster:
         connected: Collection[Hashable],
         num_partitions: int | None = None,
         num_examples: int | None = None,
+        memory_mb: float | None = None,
     ) -> Admission:
         """Bind ``key`` to ``holder`` if the rules allow it (see the module docstring).
 
         ``capacity`` is checked here (an integer in [1, E]); ``connected`` holds the
         holders the federation lists as connected now; ``num_examples`` is the
         training examples the client declares (None: it declares none, and is bounded
-        by the round's median rule only).
+        by the round's median rule only); ``memory_mb`` the budget behind an
+        automatic capacity (checked by :func:`flexmoe_core.protocol.decode_info`).
         """
         key = int(key)
         try:
@@ -145,17 +147,25 @@ class Roster:
             member.capacity = capacity
         member.holder, member.responsive = holder, True
         member.num_partitions, member.num_examples = num_partitions, num_examples
+        member.memory_mb = memory_mb
         self._key_of[holder] = key
         return Admission(status, key)
 
-    def report_capacity(self, key: int, capacity: object) -> str | None:
-        """Take a capacity a client reported with its reply; return an error, or None."""
+    def report_capacity(
+        self, key: int, capacity: object, memory_mb: float | None = None
+    ) -> str | None:
+        """Take a capacity (and its budget) a client reported; return an error, or None."""
         try:
             value = parse_capacity(capacity, self.num_experts, source=f"client {key}")
         except ValueError as err:
             return str(err)
         self.members[key].capacity = value
+        self.members[key].memory_mb = memory_mb
         return None
+
+    def memory_budgets(self) -> dict[int, float]:
+        """Return the memory budgets (MiB) of the members that reported one, by key."""
+        return {k: m.memory_mb for k, m in sorted(self.members.items()) if m.memory_mb}
 
     # ------------------------------------------------------------- presence
     def key_of(self, holder: Hashable) -> int | None:

@@ -662,6 +662,9 @@ def headline(record: Mapping[str, Any], num_rounds: int) -> str:
         return f"{record[name]:.4f}" if name in record else "n/a"
 
     structure = f" | purity {record['purity']:.2f}" if "purity" in record else ""
+    # Clients left out by the backoff rule (flexmoe_core.backoff), if any.
+    benched = record.get("benched") or {}
+    left_out = f" | left out: {', '.join(f'client {k}' for k in benched)}" if benched else ""
     return (
         f"[round {record['round']}/{num_rounds}] local acc {accuracy('local_acc')} "
         f"(trained {accuracy('trained_local_acc')}) | global acc {accuracy('global_acc')} | "
@@ -670,4 +673,5 @@ def headline(record: Mapping[str, Any], num_rounds: int) -> str:
         f"{record['cum_load_clients_cv']:.3f}) | samples CV {record['load_samples_cv']:.3f} | "
         f"churn {record.get('churn', 0.0):.2f}{structure} | "
         f"alloc {1000 * record['allocation_time_s']:.1f} ms | {record['round_time_s']:.1f} s"
+        f"{left_out}"
     )

@@ -31,6 +31,11 @@ from .codec import NODE_UNAVAILABLE, decode_info, error_reason, query_message
 POLL_S = 0.5  # how often discovery looks for new nodes and answers
 
 
+def budget_note(memory_mb: float | None) -> str:
+    """Say, for the log, which memory budget an automatic capacity came from."""
+    return "" if memory_mb is None else f", from a memory budget of {memory_mb:.0f} MiB"
+
+
 class Membership:
     """Tracks which node holds which client key, and asks new nodes their capacity.
 
@@ -106,7 +111,13 @@ class Membership:
             return
         key = info.key
         admission = self.roster.claim(
-            node, key, info.capacity, self.connected, info.num_partitions, info.num_examples
+            node,
+            key,
+            info.capacity,
+            self.connected,
+            info.num_partitions,
+            info.num_examples,
+            info.memory_mb,
         )
         self.answered.add(node)
         if admission.admitted:
@@ -114,11 +125,12 @@ class Membership:
             if self.started and admission.status != "kept":
                 log(
                     INFO,
-                    "Client %d %s on node %d (capacity %d): sampled from the next round",
+                    "Client %d %s on node %d (capacity %d%s): sampled from the next round",
                     key,
                     admission.status,
                     node,
                     self.roster.members[key].capacity,
+                    budget_note(info.memory_mb),
                 )
         elif admission.retry:
             if node not in self.retrying:
@@ -130,11 +142,21 @@ class Membership:
     def report_capacity(self, key: int, reply: Message) -> None:
         """Take the capacity a client reports with a reply (ignored, logged, if bad)."""
         try:
-            capacity = decode_info(reply).capacity
+            info = decode_info(reply)
         except ValueError as err:
             problem: str | None = str(err)
         else:
-            problem = self.roster.report_capacity(key, capacity)
+            old = self.roster.members[key].capacity
+            problem = self.roster.report_capacity(key, info.capacity, info.memory_mb)
+            if problem is None and self.roster.members[key].capacity != old:
+                log(
+                    INFO,
+                    "Client %d now reports capacity %d (was %d%s)",
+                    key,
+                    self.roster.members[key].capacity,
+                    old,
+                    budget_note(info.memory_mb),
+                )
         if problem:
             log(WARNING, "Client %d: capacity report ignored: %s", key, problem)
 
@@ -221,6 +243,12 @@ class Membership:
         capacities = list(self.roster.capacities().values())
         shown = capacities if len(capacities) <= 20 else dict(sorted(Counter(capacities).items()))
         log(INFO, "Clients: %d, capacities %s", len(capacities), shown)
+        if budgets := self.roster.memory_budgets():
+            log(
+                INFO,
+                "Capacities from memory (capacity=auto), MiB by client: %s",
+                {k: round(v, 1) for k, v in budgets.items()},
+            )
 
     def await_available(self, grid: Grid, server_round: int) -> dict[int, int]:
         """Return the capacities of the clients available now, waiting for enough of them.

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from threadpoolctl import threadpool_limits
 
 from flexmoe_core import protocol as proto
+from flexmoe_core.backoff import BackoffPolicy, benched, leave_out
 from flexmoe_core.checkpoint import ServerCheckpoint, save_checkpoint
 from flexmoe_core.config import to_container
 from flexmoe_core.results import RunRecorder, run_status
@@ -95,6 +96,8 @@ class FlexMoEStrategy(Strategy):
         self._results = RoundResults()
         self._grid: Grid | None = None
         self._began = 0.0
+        self.backoff = BackoffPolicy.from_config(cfg.get("faults"))
+        self._benched: dict[int, int] = {}  # this round's clients left out: key -> until
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
@@ -185,6 +188,18 @@ class FlexMoEStrategy(Strategy):
         assert self.state is not None
         self._began = time.perf_counter()
         capacities = self.membership.await_available(grid, server_round)
+        bench = benched(self.state.records(), server_round, self.backoff)
+        capacities, self._benched = leave_out(
+            capacities, bench, int(self.cfg.min_clients_per_round)
+        )
+        for key, until in self._benched.items():
+            log(
+                INFO,
+                "Round %d: %s left out until round %d (backoff after failed rounds)",
+                server_round,
+                self.membership.name(key),
+                until,
+            )
         return self._messages(self.state.plan(server_round, capacities), grid)
 
     def aggregate_train(
@@ -199,6 +214,9 @@ class FlexMoEStrategy(Strategy):
         assert self.state is not None and self.plan is not None
         self._read(replies)
         self.outcome = outcome = self.state.close(self.plan, self._results)
+        if self._benched:  # in the round's record before it is checkpointed or written
+            record = next(r for r in self.state.records() if r["round"] == self.plan.round)
+            record["benched"] = {str(k): u for k, u in sorted(self._benched.items())}
         self._log(server_round, outcome)
         self._save(outcome.finished)
         record = self.state.pending or self.state.history[-1]

@@ -36,3 +36,11 @@ def test_bench_allocation_prints_a_row_per_setting() -> None:
         "bench_allocation.py", "--clients", "100", "--experts", "8", "--repeats", "1"
     )
     assert re.search(r"^\s+100\s+8\s+\d", out, flags=re.MULTILINE), out[-2000:]
+
+
+def test_bench_device_prints_footprints_capacities_and_export_sizes() -> None:
+    out = run_benchmark("bench_device.py", "--only", "digits")
+    row = next(line for line in out.splitlines() if line.startswith("cnn (digits, E=8)"))
+    assert re.search(r"32\s+\d+\.\d\d\s+\d+\.\d\d\s+[1-8]\s+[1-8]$", row), row
+    sizes = [line for line in out.splitlines() if line.startswith("cnn (digits")][1]
+    assert re.search(r"0\.\d\d, 0\.\d\d$", sizes), sizes
