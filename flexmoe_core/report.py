@@ -218,9 +218,8 @@ class Run:
         }
 
 
-def describe_data(cfg: Any) -> str:
-    """Return the data, backbone, clients and rounds a run trained with (no experts)."""
-    part = cfg.partition
+def describe_partition(part: Any) -> str:
+    """Return the partition of a run's config: type, its parameter, client groups."""
     detail = {
         "dirichlet": f"α={part.get('alpha')}",
         "kclass": f"{part.get('classes_per_client')}-class",
@@ -229,9 +228,15 @@ def describe_data(cfg: Any) -> str:
     if groups.get("sizes") or groups.get("count"):
         sizes = groups.get("sizes")
         shown = "/".join(map(str, sizes)) if sizes else f"{groups.get('count')} equal"
-        detail = f"{detail + ' ' if detail else ''}{shown} {groups.get('transform')} groups"
+        kind = {"labels": "label-permutation"}.get(groups.get("transform"), groups.get("transform"))
+        detail = f"{detail + ' ' if detail else ''}{shown} {kind} groups"
+    return f"{part.type}{' ' + detail if detail else ''}"
+
+
+def describe_data(cfg: Any) -> str:
+    """Return the data, backbone, clients and rounds a run trained with (no experts)."""
     return (
-        f"{cfg.dataset.name} · {part.type}{' ' + detail if detail else ''} · "
+        f"{cfg.dataset.name} · {describe_partition(cfg.partition)} · "
         f"{cfg.model.backbone} · {cfg.num_clients} clients · {cfg.num_rounds} rounds"
     )
 
@@ -242,11 +247,6 @@ def describe_setup(cfg: Any) -> str:
     Method settings (the strategy, top-k, fitness, load band) are not part of it: runs
     that differ only in those are strategies of one setup.
     """
-    part = cfg.partition
-    detail = {
-        "dirichlet": f"α={part.get('alpha')}",
-        "kclass": f"{part.get('classes_per_client')}-class",
-    }.get(part.type, "")
     cap = cfg.capacity
     capacity = {
         "constant": f"k={cap.value}",
@@ -254,7 +254,7 @@ def describe_setup(cfg: Any) -> str:
         "uniform": f"k~U[{cap.low},{cap.high}]",
     }[cap.profile]
     return (
-        f"{cfg.dataset.name} · {part.type}{' ' + detail if detail else ''} · "
+        f"{cfg.dataset.name} · {describe_partition(cfg.partition)} · "
         f"{cfg.model.backbone} E={cfg.model.num_experts} · "
         f"{cfg.num_clients} clients · {capacity} · {cfg.num_rounds} rounds"
     )

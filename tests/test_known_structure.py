@@ -320,3 +320,16 @@ def test_a_newly_held_expert_inherits_the_gate_row_of_the_expert_let_go() -> Non
     grown_before = grown.gate.weight.detach().clone()
     assert inherit_gate_rows(grown, previous=[0, 1]) == {3: None}  # capacity grew
     np.testing.assert_allclose(grown.gate.weight[3].detach(), grown_before[[0, 1]].mean(0))
+
+
+def test_the_report_tells_group_setups_apart() -> None:
+    from flexmoe_core.report import describe_data, describe_setup
+
+    equal = load_config("experiment=known_labels")
+    unequal = load_config("experiment=known_labels_unequal")
+    rotated = load_config("experiment=known_rotation")
+    setups = {describe_setup(c) for c in (equal, unequal, rotated)}
+    assert len(setups) == 3
+    assert "10/5/3/2 label-permutation groups" in describe_setup(unequal)
+    assert "4 equal rotation groups" in describe_data(rotated)
+    assert "groups" not in describe_setup(load_config(""))
