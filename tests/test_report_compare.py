@@ -112,10 +112,12 @@ def test_ablation_runs_are_labelled_by_what_they_change() -> None:
     assert strategy_label(load_config("")) == "flexmoe"
     assert strategy_label(load_config("strategy=greedy")) == "greedy"
     assert strategy_label(load_config("fitness.beta=0.2")) == "flexmoe β=0.2"
-    assert strategy_label(load_config("fitness.q0=0")) == "flexmoe q0=0"
-    assert strategy_label(load_config("fitness.signal=accuracy model.top_k=1")) == (
-        "flexmoe signal=accuracy top-1"
+    assert strategy_label(load_config("fitness.q0=1")) == "flexmoe q0=1"
+    assert strategy_label(load_config("fitness.signal=loss model.top_k=1")) == (
+        "flexmoe signal=loss top-1"
     )
+    assert strategy_label(load_config("ablation=switching_off")) == "flexmoe λ=0"
+    assert strategy_label(load_config("ablation=source_train")) == "flexmoe source=train"
     assert strategy_label(load_config("strategy.epsilon=0.2")) == "flexmoe ε=0.2"
     assert strategy_label(load_config("ablation=deficit_off")) == "flexmoe deficit rule off"
     assert strategy_label(load_config("baseline=fedavg_e1")) == "fedavg_e1"
