@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -164,6 +164,15 @@ def train_local(
     )
 
 
+def _eval_batches(
+    model: MoEClassifier, x: Tensor, y: Tensor, batch_size: int, device: torch.device | str
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Put ``model`` in eval mode on ``device``; yield ``(x, y)`` in batches there."""
+    model.to(torch.device(device)).eval()
+    for start in range(0, len(y), batch_size):
+        yield x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
+
+
 @torch.no_grad()
 def evaluate(
     model: MoEClassifier,
@@ -174,13 +183,9 @@ def evaluate(
     device: torch.device | str = "cpu",
 ) -> EvalResult:
     """Return loss and accuracy of ``model`` (its own gate and experts) on ``(x, y)``."""
-    device = torch.device(device)
-    model.to(device).eval()
     total_loss, correct = 0.0, 0
     usage = torch.zeros(len(model.expert_ids), device=device)
-    for start in range(0, len(y), batch_size):
-        xb = x[start : start + batch_size].to(device)
-        yb = y[start : start + batch_size].to(device)
+    for xb, yb in _eval_batches(model, x, y, batch_size, device):
         out = model(xb)
         total_loss += F.cross_entropy(out.logits, yb, reduction="sum").item()
         correct += int((out.logits.argmax(-1) == yb).sum())
@@ -210,13 +215,9 @@ def heldout_feedback(
     (a newly assigned expert would otherwise be judged through a gate never trained
     for it). ``usage`` is the number of samples.
     """
-    device = torch.device(device)
-    model.to(device).eval()
     correct = torch.zeros(len(model.expert_ids), device=device)
     loss = torch.zeros(len(model.expert_ids), device=device)
-    for start in range(0, len(y), batch_size):
-        xb = x[start : start + batch_size].to(device)
-        yb = y[start : start + batch_size].to(device)
+    for xb, yb in _eval_batches(model, x, y, batch_size, device):
         features = model.backbone(xb)  # (batch, channels, H, W)
         logits = torch.stack([e(features) for e in model.experts.values()], 1)  # (b, k, c)
         correct += (logits.argmax(-1) == yb[:, None]).float().sum(0)
