@@ -22,6 +22,12 @@ CURVE_PANELS: list[tuple[str, str, bool]] = [
     ("load_clients_cv", "expert load CV per round (clients holding)", False),
     ("cum_load_clients_cv", "cumulative expert load CV", False),
 ]
+# Panels drawn only when some run measured them (purity: federations with known groups).
+OPTIONAL_CURVE_PANELS: list[tuple[str, str, bool]] = [
+    ("trained_local_acc", "accuracy of the just-trained models, local split", True),
+    ("purity", "assignment purity (known groups)", False),
+    ("churn", "share of clients changing experts", False),
+]
 
 
 def slug(text: str) -> str:
@@ -98,16 +104,29 @@ def plot_strategy_curves(
     curves : mapping
         ``curves[strategy][key]`` is a (seeds, rounds) array, NaN where a round did
         not measure ``key``; keys are those of :data:`CURVE_PANELS` (a missing key
-        leaves its panel empty). Rounds measured only sometimes (the global test) are
+        leaves its panel empty) and of :data:`OPTIONAL_CURVE_PANELS` (drawn only when
+        measured). Rounds measured only sometimes (the global test) are
         drawn as points joined over the gaps.
     path : Path
         Where to write the PNG.
     """
     plt = _pyplot()
     colours = strategy_colours(list(curves))
-    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(5 * len(CURVE_PANELS), 4.4))
+    measured = {
+        key
+        for by_key in curves.values()
+        for key, values in by_key.items()
+        if np.isfinite(np.asarray(values, dtype=float)).any()
+    }
+    panels = CURVE_PANELS + [p for p in OPTIONAL_CURVE_PANELS if p[0] in measured]
+    columns = min(len(panels), 4)
+    rows = -(-len(panels) // columns)
+    fig, grid = plt.subplots(rows, columns, figsize=(5 * columns, 4.4 * rows), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
     for strategy, by_key in curves.items():
-        for ax, (key, _, _) in zip(axes, CURVE_PANELS, strict=True):
+        for ax, (key, _, _) in zip(axes, panels, strict=False):
             if key not in by_key:
                 continue
             values = np.asarray(by_key[key], dtype=float)
@@ -133,7 +152,7 @@ def plot_strategy_curves(
                 color=colours[strategy],
                 linewidth=0,
             )
-    for ax, (_, label, share) in zip(axes, CURVE_PANELS, strict=True):
+    for ax, (_, label, share) in zip(axes, panels, strict=False):
         ax.set_title(label, fontsize=10)
         _integer_rounds(ax)
         if share:

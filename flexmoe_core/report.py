@@ -46,7 +46,14 @@ from omegaconf import DictConfig, OmegaConf
 from scipy import stats
 
 from .config import conf_dir
-from .plots import plot_comparisons, plot_load_heatmaps, plot_strategy_curves, slug
+from .plots import (
+    CURVE_PANELS,
+    OPTIONAL_CURVE_PANELS,
+    plot_comparisons,
+    plot_load_heatmaps,
+    plot_strategy_curves,
+    slug,
+)
 from .results import (
     COMPLETED,
     CONFIG_FILE,
@@ -901,7 +908,7 @@ def write_run_rows(runs: Sequence[Run], out: Path) -> Path:
     return path
 
 
-CURVE_KEYS = ("local_acc", "global_acc", "load_clients_cv", "cum_load_clients_cv")
+CURVE_KEYS = tuple(key for key, _, _ in CURVE_PANELS + OPTIONAL_CURVE_PANELS)
 
 
 def plot_setup(setup: str, runs: Sequence[Run], out: Path) -> list[Path]:
