@@ -384,7 +384,7 @@ class RoundState:
             signals = relative_signals(signals)
         for key, row in signals.items():
             self.fitness.update_signals(key, row)
-            self.fitness.decay(key, row)
+            self.fitness.decay(key, measured=row.keys())
 
     @staticmethod
     def _check_heldout(
