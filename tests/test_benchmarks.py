@@ -31,8 +31,20 @@ def test_bench_model_prints_storage_shares_and_the_dispatch_ratio() -> None:
     assert re.search(r"\d+\.\d{3}\s+\d+\.\d+\s+\d\.\d\d\s+\d\.\d\d\s+-?\d+\.\d+\s+goal", row), row
 
 
-def test_bench_allocation_prints_a_row_per_setting() -> None:
+def test_bench_allocation_prints_every_family_with_its_ratios_and_goals() -> None:
     out = run_benchmark(
         "bench_allocation.py", "--clients", "100", "--experts", "8", "--repeats", "1"
     )
-    assert re.search(r"^\s+100\s+8\s+\d", out, flags=re.MULTILINE), out[-2000:]
+    assert re.search(
+        r"^family\s+clients\s+E\s+flow\s+cvxpy\s+greedy\s+cvxpy/flow\s+flow/greedy",
+        out,
+        flags=re.MULTILINE,
+    ), out[-2000:]
+    for family in ("uniform", "clustered", "clustered-exact", "tied", "low-rank", "heavy-tailed"):
+        # A row with both ratios and an objective gap of zero up to solver tolerance.
+        assert re.search(
+            rf"^{family}\s+100\s+8\s+.*\d+\.\dx\s+\d+\.\dx\s+\d\.\de-?[+-]?\d+$",
+            out,
+            flags=re.MULTILINE,
+        ), (family, out[-3000:])
+        assert f"goal {family} 10,000 x 64: not measured" in out
