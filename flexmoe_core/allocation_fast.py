@@ -173,10 +173,13 @@ def solve_flow(
     # Costs are compared to this tolerance: float error of sums of O(E) terms of |Q|.
     tol = 1e-12 * max(1.0, float(np.abs(q).max(initial=0.0)))
 
-    restricted = _solve_restricted(q, caps, bounds, tol) if restrict else None
-    if restricted is not None:
-        return restricted
     start = np.zeros(num_experts) if initial_prices is None else np.asarray(initial_prices)
+    if restrict:
+        restricted, prices_found = _solve_restricted(q, caps, bounds, tol)
+        if restricted is not None:
+            return restricted
+        if prices_found is not None:  # the whole problem starts where the attempt got
+            start = prices_found
     prices = _warm_prices(q, caps, lower, upper, price_sweeps, start)
     flow = _Flow(q, caps, bounds, _top_k(q - prices, caps), prices, tol)
     flow.repair()
@@ -316,7 +319,7 @@ def _newton_prices(
 
 def _solve_restricted(
     q: np.ndarray, caps: np.ndarray, bounds: LoadBounds, tol: float
-) -> FlowSolution | None:
+) -> tuple[FlowSolution | None, np.ndarray | None]:
     """Solve exactly by moving only the clients near their top-k boundary, or give up.
 
     Newton prices p (fitted on a sample, then on all clients) give every client a top-k
@@ -327,34 +330,53 @@ def _solve_restricted(
     holds its top-k under p' as long as p' - p moves no price gap by more than its
     margin (range(p' - p) < delta), and an expert p' prices below the level must sit at
     its lower bound. Otherwise delta widens to the move seen and the solve repeats from
-    p'. Returns None when the prices are too far off, or the tries run out (the caller
-    then solves the whole problem).
+    p'. Returns (solution, None), or (None, the best prices found) when the prices are
+    too far off or the tries run out: the caller then solves the whole problem, from
+    those prices.
     """
     n, num_experts = q.shape
     if n < RESTRICT_MIN_CLIENTS:
-        return None
+        return None, None
     lower = np.asarray(bounds.lower, dtype=np.int64)
     upper = np.asarray(bounds.upper, dtype=np.int64)
     slots = int(caps.sum())
     sample = np.linspace(0, n - 1, min(n, NEWTON_SAMPLE)).astype(np.intp)
-    share = len(sample) / n
-    sample_bounds = (q[sample], caps[sample], lower * share, upper * share)
-    start, sample_error = _newton_prices(*sample_bounds, np.zeros(num_experts), NEWTON_SAMPLE_STEPS)
+    # The sample's bounds: the whole problem's, scaled by its share of the slots.
+    share = caps[sample].sum() / slots
+    sample_problem = (q[sample], caps[sample], lower * share, upper * share)
+    start, sample_error = _newton_prices(
+        *sample_problem, np.zeros(num_experts), NEWTON_SAMPLE_STEPS
+    )
     if sample_error > RESTRICT_MAX_EXCESS * caps[sample].sum():
+        if n < 4 * len(sample):  # the sample is most of the problem: solve the whole
+            return None, None
         # Far from the optimum (clients alike, Q of low rank) Newton steps do not help;
         # coordinate descent on the sample gets close enough for them to take over.
+        sample_bounds = LoadBounds(
+            np.floor(lower * share).astype(np.int64),
+            np.ceil(upper * share).astype(np.int64),
+            bounds.mean_load,
+        )
         descent = _warm_prices(
             q[sample],
             caps[sample],
-            np.floor(lower * share).astype(np.int64),
-            np.ceil(upper * share).astype(np.int64),
+            sample_bounds.lower,
+            sample_bounds.upper,
             SAMPLE_DESCENT_SWEEPS,
             start.prices,
         )
-        start, sample_error = _newton_prices(*sample_bounds, descent, NEWTON_SAMPLE_STEPS)
+        start, sample_error = _newton_prices(*sample_problem, descent, NEWTON_SAMPLE_STEPS)
+        if sample_error > RESTRICT_MAX_EXCESS * caps[sample].sum():
+            # Still far (tight look-alike groups): the sample's exact optimum, a small
+            # problem of the same kind, prices the whole one up to sampling noise.
+            try:
+                exact = solve_flow(q[sample], caps[sample], sample_bounds, restrict=False)
+            except InfeasibleAllocationError:  # the scaled bounds fit no 0/1 matrix
+                return None, start.prices
+            start, sample_error = _newton_prices(*sample_problem, exact.prices, 0)
     boundary, error = _newton_prices(q, caps, lower, upper, start.prices, NEWTON_FULL_STEPS)
     if error > RESTRICT_MAX_EXCESS * slots:
-        return None
+        return None, boundary.prices
     # Enough candidates to absorb the excess several times over.
     delta = float(np.quantile(boundary.margin, min(1.0, max(0.02, 16 * error / n))))
     for _ in range(RESTRICT_TRIES):
@@ -389,14 +411,15 @@ def _solve_restricted(
                 and (lower <= load).all()
                 and (load <= upper).all()
             ):
-                return FlowSolution(
+                solution = FlowSolution(
                     x, sub.prices, sub.rounds, sub.augmentations, sub.cancelled_cycles, len(chosen)
                 )
+                return solution, None
             delta = max(2 * delta, 2 * float(move.max() - move.min()))
             boundary = _boundary(q, caps, sub.prices)
         else:
             delta *= 4
-    return None
+    return None, boundary.prices
 
 
 def _kth_largest(values: np.ndarray, caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

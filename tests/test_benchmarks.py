@@ -31,6 +31,7 @@ def test_bench_model_prints_storage_shares_and_the_dispatch_ratio() -> None:
     # Part 3: the digits row, with its ratio, floor and verdict.
     row = next(line for line in out.splitlines() if line.strip().startswith("cnn (digits"))
     assert re.search(r"\d+\.\d{3}\s+\d+\.\d+\s+\d\.\d\d\s+\d\.\d\d\s+-?\d+\.\d+\s+goal", row), row
+    assert re.search(r"goal <= floor \+ 0\.05: (PASS|FAIL)", row), row
 
 
 def test_bench_allocation_prints_every_family_with_its_ratios_and_goals() -> None:
