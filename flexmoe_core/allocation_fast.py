@@ -56,11 +56,11 @@ Cost, with K = sum_c k_c: a price sweep O(nE + KE log E), the start O(nE log E)
 (row sorts), the graph O(KE), a repair round O(E^2) plus O(K) per expert row it
 changes, the certificate O(E^3); a Newton step O(nE log E + E^3). The restricted solve
 makes about four passes over Q and leaves the flow a few thousand clients: about
-0.2 s for 10^5 clients x 64 experts with uniform, tied or heavy-tailed Q. Clients in
-tight look-alike groups defeat both warm starts (Newton's linear model and coordinate
-descent cannot separate their prices): the repair then takes about a round per unit
-of load it moves, thousands of rounds (seconds at 10^4 clients, a minute or more at
-10^5).
+0.3 s for 10^5 clients x 64 experts with uniform, tied, low-rank or heavy-tailed Q
+(README "Allocation at scale"). Clients in tight look-alike groups defeat Newton's
+linear model and coordinate descent alike; on 4 x the sample size and more the
+sample's exact optimum then prices the whole problem, whose repair still moves
+hundreds of units one round each (seconds at 10^4 and 10^5 clients).
 """
 
 from __future__ import annotations
