@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -146,8 +148,39 @@ def save_gate_version(
         save_gate(store, server_round, gate)
 
 
+class PhaseClock:
+    """Seconds one ClientApp call spends per phase (:data:`protocol.CLIENT_PHASES`).
+
+    Sent with the train reply, so that a run's metrics say where a round's time goes
+    on the clients (``benchmarks/bench_round_time.py`` reads them).
+    """
+
+    def __init__(self) -> None:
+        self.began = time.perf_counter()
+        self.seconds = dict.fromkeys(proto.CLIENT_PHASES, 0.0)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Add the time spent in the block to phase ``name``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+    def record(self) -> MetricRecord:
+        """Return the phases, with ``total`` the time since the clock started."""
+        self.seconds["total"] = time.perf_counter() - self.began
+        return MetricRecord(dict(self.seconds))
+
+
 def personal_model(
-    cfg: DictConfig, msg: Message, context: Context, data: ClientData, gate_round: int
+    cfg: DictConfig,
+    msg: Message,
+    context: Context,
+    data: ClientData,
+    gate_round: int,
+    clock: PhaseClock | None = None,
 ) -> MoEClassifier:
     """Build the model of the assigned experts, with the server's arrays and our own gate.
 
@@ -155,15 +188,18 @@ def personal_model(
     a train message (training, and the evaluation before it, start from the gate of
     round t-1), the round itself for the evaluation after the last round.
     """
+    clock = clock or PhaseClock()
     experts = [int(e) for e in msg.content[proto.CONFIG][proto.EXPERTS]]
-    torch.manual_seed(int(cfg.seed) * 7_919 + node(context).seed_offset())  # the gate's first init
-    model = build_model(cfg.model, data.input_shape, data.num_classes, experts)
-    load_arrays(model, proto.arrays_to_numpy(msg.content[proto.ARRAYS]))
-    if (gate := load_gate_version(cfg, context, gate_round)) is not None:
-        held = gate.pop(HELD_EXPERTS, None)
-        load_arrays(model, gate)
-        if held is not None and str(cfg.train.get("new_expert_gate", "keep")) == "inherit":
-            inherit_gate_rows(model, held.tolist())
+    with clock.phase("model"):
+        torch.manual_seed(int(cfg.seed) * 7_919 + node(context).seed_offset())  # gate's init
+        model = build_model(cfg.model, data.input_shape, data.num_classes, experts)
+    with clock.phase("decode"):
+        load_arrays(model, proto.arrays_to_numpy(msg.content[proto.ARRAYS]))
+        if (gate := load_gate_version(cfg, context, gate_round)) is not None:
+            held = gate.pop(HELD_EXPERTS, None)
+            load_arrays(model, gate)
+            if held is not None and str(cfg.train.get("new_expert_gate", "keep")) == "inherit":
+                inherit_gate_rows(model, held.tolist())
     return model
 
 
@@ -241,16 +277,19 @@ def train(msg: Message, context: Context) -> Message:
         )
     if fault.delay_s > 0:
         time.sleep(fault.delay_s)
-    data = client_data(cfg, context)
-    model = personal_model(cfg, msg, context, data, gate_round=server_round - 1)
+    clock = PhaseClock()
+    with clock.phase("data"):
+        data = client_data(cfg, context)
+    model = personal_model(cfg, msg, context, data, server_round - 1, clock)
     device = resolve_device(str(cfg.train.device))
     local_x, local_y = torch.from_numpy(data.local_test.x), torch.from_numpy(data.local_test.y)
-    evaluation = None
-    if bool(msg.content[proto.CONFIG].get(proto.EVALUATE, False)):
-        evaluation = evaluate_received(cfg, msg, model, data)
-    heldout = None
-    if str(cfg.fitness.get("source", "train")) == "heldout":
-        heldout = heldout_feedback(model, local_x, local_y, device=device)
+    evaluation = heldout = None
+    with clock.phase("evaluate"):
+        if bool(msg.content[proto.CONFIG].get(proto.EVALUATE, False)):
+            evaluation = evaluate_received(cfg, msg, model, data)
+        if str(cfg.fitness.get("source", "train")) == "heldout":
+            heldout = heldout_feedback(model, local_x, local_y, device=device)
+    training_began = time.perf_counter()
     result = train_local(
         model,
         torch.from_numpy(data.train.x),
@@ -265,33 +304,40 @@ def train(msg: Message, context: Context) -> Message:
         seed=int(msg.content[proto.CONFIG][proto.SEED]) + node(context).seed_offset(),
         augment=build_augment(cfg.dataset),
     )
-    trained = evaluate(model, local_x, local_y, device=device)
-    gate = {**gate_state(model), HELD_EXPERTS: np.array(model.expert_ids, dtype=np.int64)}
-    save_gate_version(cfg, context, server_round, gate)
-    metrics = MetricRecord(
-        {
-            proto.NUM_EXAMPLES: result.num_examples,
-            "train-loss": result.loss,
-            "train-acc": result.accuracy,
-        }
-    )
-    content = RecordDict(
-        {
-            proto.ARRAYS: ArrayRecord(
-                array_dict={k: Array(v) for k, v in shared_state(model).items()}
-            ),
-            proto.METRICS: metrics,
-            proto.FEEDBACK: MetricRecord(proto.encode_feedback(result.feedback)),
-            proto.INFO: node_info(cfg, context),
-        }
-    )
-    if evaluation is not None:
-        content[proto.EVALUATION] = evaluation
-    if heldout is not None:
-        content[proto.HELDOUT_FEEDBACK] = MetricRecord(proto.encode_feedback(heldout))
-    content[proto.TRAINED_EVALUATION] = MetricRecord(
-        proto.encode_evaluation({"local": (trained.num_examples, trained.loss, trained.accuracy)})
-    )
+    clock.seconds["train_step"] += result.step_time_s
+    clock.seconds["train_other"] += time.perf_counter() - training_began - result.step_time_s
+    with clock.phase("evaluate"):
+        trained = evaluate(model, local_x, local_y, device=device)
+    with clock.phase("encode"):
+        gate = {**gate_state(model), HELD_EXPERTS: np.array(model.expert_ids, dtype=np.int64)}
+        save_gate_version(cfg, context, server_round, gate)
+        metrics = MetricRecord(
+            {
+                proto.NUM_EXAMPLES: result.num_examples,
+                "train-loss": result.loss,
+                "train-acc": result.accuracy,
+            }
+        )
+        content = RecordDict(
+            {
+                proto.ARRAYS: ArrayRecord(
+                    array_dict={k: Array(v) for k, v in shared_state(model).items()}
+                ),
+                proto.METRICS: metrics,
+                proto.FEEDBACK: MetricRecord(proto.encode_feedback(result.feedback)),
+                proto.INFO: node_info(cfg, context),
+            }
+        )
+        if evaluation is not None:
+            content[proto.EVALUATION] = evaluation
+        if heldout is not None:
+            content[proto.HELDOUT_FEEDBACK] = MetricRecord(proto.encode_feedback(heldout))
+        content[proto.TRAINED_EVALUATION] = MetricRecord(
+            proto.encode_evaluation(
+                {"local": (trained.num_examples, trained.loss, trained.accuracy)}
+            )
+        )
+    content[proto.TIMINGS] = clock.record()
     return Message(content, reply_to=msg)
 
 

@@ -40,12 +40,27 @@ The solve has four steps.
    cancelled and the check repeats. The final shortest-path distances are the dual
    prices returned with the solution.
 
+On large instances (:data:`RESTRICT_MIN_CLIENTS` clients and more) a restricted solve
+comes first (:func:`_solve_restricted`). Newton steps on the load equations, fitted on
+an evenly spaced sample of the clients and then on all of them, give prices under
+which the clients' top-k loads nearly meet the bounds; clients whose top-k is firm
+(its k-th and (k+1)-th reduced values at least delta apart) keep it, and the steps
+above solve the small problem of the others. The result is kept only when the small
+problem's prices still leave every firm client its top-k and price no expert off its
+bound (the same certificate, which the margins give for every client at once);
+otherwise delta widens, and
+after a few tries the whole problem is solved as above. Either way the answer is the
+optimum.
+
 Cost, with K = sum_c k_c: a price sweep O(nE + KE log E), the start O(nE log E)
 (row sorts), the graph O(KE), a repair round O(E^2) plus O(K) per expert row it
-changes, the certificate O(E^3). The number of rounds is what the warm start leaves:
-a handful for 10^4 clients x 64 experts with uniform Q (about 0.1 s in all), about a
-thousand when clients form tight clusters, whose prices coordinate descent cannot
-separate (about 1 s).
+changes, the certificate O(E^3); a Newton step O(nE log E + E^3). The restricted solve
+makes about four passes over Q and leaves the flow a few thousand clients: about
+0.3 s for 10^5 clients x 64 experts with uniform, tied, low-rank or heavy-tailed Q
+(README "Allocation at scale"). Clients in tight look-alike groups defeat Newton's
+linear model and coordinate descent alike; on 4 x the sample size and more the
+sample's exact optimum then prices the whole problem, whose repair still moves
+hundreds of units one round each (seconds at 10^4 and 10^5 clients).
 """
 
 from __future__ import annotations
@@ -60,6 +75,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import dijkstra
 
 from .allocation_problem import (
+    InfeasibleAllocationError,
     LoadBounds,
     check_feasible,
     check_inputs,
@@ -90,6 +106,9 @@ class FlowSolution:
         Units of load moved by the repair step.
     cancelled_cycles : int
         Negative cycles the certificate step had to cancel (0 unless float drift).
+    flow_clients : int
+        Clients the flow steps worked on: all of them, or those near their top-k
+        boundary when the restricted solve certified its result (0: not recorded).
     """
 
     assignment: np.ndarray
@@ -97,6 +116,7 @@ class FlowSolution:
     rounds: int
     augmentations: int
     cancelled_cycles: int
+    flow_clients: int = 0
 
 
 def solve_flow(
@@ -105,6 +125,8 @@ def solve_flow(
     bounds: LoadBounds,
     *,
     price_sweeps: int = 12,
+    initial_prices: np.ndarray | None = None,
+    restrict: bool = True,
 ) -> FlowSolution:
     """Solve the FLEX-MoE allocation exactly as a min-cost flow.
 
@@ -119,6 +141,12 @@ def solve_flow(
     price_sweeps : int
         Most sweeps of the dual warm start; 0 starts from the greedy assignment. It
         changes the speed, never the optimum.
+    initial_prices : np.ndarray, optional
+        (E,) prices the warm start begins from (default 0).
+    restrict : bool
+        On large instances, first try the restricted solve (:func:`_solve_restricted`):
+        Newton prices, then the flow on the clients near their top-k boundary only,
+        kept only when its certificate covers every client. Speed only, never the optimum.
 
     Returns
     -------
@@ -145,7 +173,14 @@ def solve_flow(
     # Costs are compared to this tolerance: float error of sums of O(E) terms of |Q|.
     tol = 1e-12 * max(1.0, float(np.abs(q).max(initial=0.0)))
 
-    prices = _warm_prices(q, caps, lower, upper, price_sweeps)
+    start = np.zeros(num_experts) if initial_prices is None else np.asarray(initial_prices)
+    if restrict:
+        restricted, prices_found = _solve_restricted(q, caps, bounds, tol)
+        if restricted is not None:
+            return restricted
+        if prices_found is not None:  # the whole problem starts where the attempt got
+            start = prices_found
+    prices = _warm_prices(q, caps, lower, upper, price_sweeps, start)
     flow = _Flow(q, caps, bounds, _top_k(q - prices, caps), prices, tol)
     flow.repair()
     cancelled, potentials = flow.certify()
@@ -157,7 +192,234 @@ def solve_flow(
         flow.rounds,
         flow.augmentations,
         cancelled,
+        len(q),
     )
+
+
+# The restricted solve pays for itself from about this many clients.
+RESTRICT_MIN_CLIENTS = 4096
+# Newton prices are first fitted on an evenly spaced sample of this many clients.
+NEWTON_SAMPLE = 8192
+# Newton iterations on the sample and on all clients.
+NEWTON_SAMPLE_STEPS, NEWTON_FULL_STEPS = 8, 2
+# Share of the clients, those of smallest margin, whose price gaps estimate how load
+# moves with prices.
+NEWTON_WINDOW_SHARE = 0.1
+# Lengths of the Newton step tried at each iteration (the best is kept).
+NEWTON_LENGTHS = (1.0,)
+# Sweeps of coordinate descent on the sample when Newton alone does not get close.
+SAMPLE_DESCENT_SWEEPS = 12
+# Above this excess (a share of all slots) the prices are too far off for restricting.
+RESTRICT_MAX_EXCESS = 0.02
+# Tries of the restricted solve, each with a wider band of candidate clients.
+RESTRICT_TRIES = 3
+
+
+@dataclass
+class _Boundary:
+    """Each client's top-k under some prices, and how firmly it holds it.
+
+    ``margin`` is the gap between the k-th and (k+1)-th best reduced values (inf for
+    k = E); ``kth`` and ``after`` are those values.
+    """
+
+    prices: np.ndarray
+    reduced: np.ndarray  # Q - prices
+    held: np.ndarray
+    load: np.ndarray
+    kth: np.ndarray
+    after: np.ndarray
+
+    @property
+    def margin(self) -> np.ndarray:
+        return self.kth - self.after
+
+
+def _boundary(q: np.ndarray, caps: np.ndarray, prices: np.ndarray) -> _Boundary:
+    reduced = q - prices
+    kth, after = _kth_largest(reduced, caps)
+    held = reduced >= kth[:, None]
+    # Ties at the k-th value (margin 0) are left to the flow: _top_k breaks them.
+    if (held.sum(axis=1) != caps).any():
+        held = _top_k(reduced, caps)
+    return _Boundary(prices, reduced, held, held.sum(axis=0), kth, after)
+
+
+def _load_error(load: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    return load - np.clip(load, lower, upper)
+
+
+def _newton_step(
+    boundary: _Boundary, error: np.ndarray, num_experts: int, window_share: float
+) -> np.ndarray:
+    """Return the price change that would cancel ``error`` if loads were linear in prices.
+
+    Client c leaves the expert of its k-th best value for the one of its (k+1)-th once
+    their price gap moves by its margin, so the clients with margins below a window w
+    estimate how fast load flows between each pair of experts per unit of price: a
+    graph Laplacian whose solve is the step (semi-discrete optimal transport's Newton
+    method).
+    """
+    margin = boundary.margin
+    finite = np.flatnonzero(np.isfinite(margin))
+    if finite.size == 0:
+        return np.zeros(num_experts)
+    count = max(1, int(window_share * finite.size))
+    near = finite[np.argpartition(margin[finite], count - 1)[:count]]
+    window = float(margin[near].max())
+    if window <= 0:
+        return np.zeros(num_experts)
+    rows = boundary.reduced[near]
+    inside = np.argmax(rows == boundary.kth[near, None], axis=1)
+    outside = np.argmax(rows == boundary.after[near, None], axis=1)
+    pairs = inside * num_experts + outside
+    flow = np.bincount(pairs, minlength=num_experts**2).reshape(num_experts, num_experts)
+    # A client inside a and outside b moves when p_a rises past p_b, not when it falls:
+    # the pair's rate averages the two directions, (count_ab + count_ba) / 2w.
+    flow = (flow + flow.T) / (2 * window)
+    laplacian = np.diag(flow.sum(axis=1)) - flow
+    # A small ridge keeps experts no near client links solvable; they move little.
+    ridge = 1e-6 * max(float(laplacian.diagonal().max()), 1.0)
+    step = np.linalg.solve(laplacian + ridge * np.eye(num_experts), error)
+    return step - step.mean()
+
+
+def _newton_prices(
+    q: np.ndarray,
+    caps: np.ndarray,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    start: np.ndarray,
+    steps: int,
+) -> tuple[_Boundary, int]:
+    """Return the best boundary Newton steps reach from ``start``, and its load error.
+
+    Each step tries the Newton step at the lengths :data:`NEWTON_LENGTHS` and keeps the
+    best (the window's density estimate is biased, so the full step is not always
+    right); the steps stop when none reduces the load error.
+    """
+    num_experts = q.shape[1]
+    best = _boundary(q, caps, start)
+    error = _load_error(best.load, lower, upper)
+    best_error = float(np.abs(error).sum())
+    for _ in range(steps):
+        if best_error == 0:
+            break
+        step = _newton_step(best, error.astype(float), num_experts, NEWTON_WINDOW_SHARE)
+        improved = False
+        for length in NEWTON_LENGTHS:
+            trial = _boundary(q, caps, best.prices + length * step)
+            trial_error = _load_error(trial.load, lower, upper)
+            if (size := float(np.abs(trial_error).sum())) < best_error:
+                best, error, best_error, improved = trial, trial_error, size, True
+        if not improved:
+            break
+    return best, round(best_error)
+
+
+def _solve_restricted(
+    q: np.ndarray, caps: np.ndarray, bounds: LoadBounds, tol: float
+) -> tuple[FlowSolution | None, np.ndarray | None]:
+    """Solve exactly by moving only the clients near their top-k boundary, or give up.
+
+    Newton prices p (fitted on a sample, then on all clients) give every client a top-k
+    and a margin. Clients with a margin of at least delta are fixed to that top-k; the
+    others, with the bounds less the fixed clients' loads, are a small allocation
+    problem that :func:`solve_flow` solves exactly, with prices p'. The combined
+    assignment is optimal when p' certifies it for every client: a fixed client still
+    holds its top-k under p' as long as p' - p moves no price gap by more than its
+    margin (range(p' - p) < delta), and an expert p' prices below the level must sit at
+    its lower bound. Otherwise delta widens to the move seen and the solve repeats from
+    p'. Returns (solution, None), or (None, the best prices found) when the prices are
+    too far off or the tries run out: the caller then solves the whole problem, from
+    those prices.
+    """
+    n, num_experts = q.shape
+    if n < RESTRICT_MIN_CLIENTS:
+        return None, None
+    lower = np.asarray(bounds.lower, dtype=np.int64)
+    upper = np.asarray(bounds.upper, dtype=np.int64)
+    slots = int(caps.sum())
+    sample = np.linspace(0, n - 1, min(n, NEWTON_SAMPLE)).astype(np.intp)
+    # The sample's bounds: the whole problem's, scaled by its share of the slots.
+    share = caps[sample].sum() / slots
+    sample_problem = (q[sample], caps[sample], lower * share, upper * share)
+    start, sample_error = _newton_prices(
+        *sample_problem, np.zeros(num_experts), NEWTON_SAMPLE_STEPS
+    )
+    if sample_error > RESTRICT_MAX_EXCESS * caps[sample].sum():
+        if n < 4 * len(sample):  # the sample is most of the problem: solve the whole
+            return None, None
+        # Far from the optimum (clients alike, Q of low rank) Newton steps do not help;
+        # coordinate descent on the sample gets close enough for them to take over.
+        sample_bounds = LoadBounds(
+            np.floor(lower * share).astype(np.int64),
+            np.ceil(upper * share).astype(np.int64),
+            bounds.mean_load,
+        )
+        descent = _warm_prices(
+            q[sample],
+            caps[sample],
+            sample_bounds.lower,
+            sample_bounds.upper,
+            SAMPLE_DESCENT_SWEEPS,
+            start.prices,
+        )
+        start, sample_error = _newton_prices(*sample_problem, descent, NEWTON_SAMPLE_STEPS)
+        if sample_error > RESTRICT_MAX_EXCESS * caps[sample].sum():
+            # Still far (tight look-alike groups): the sample's exact optimum, a small
+            # problem of the same kind, prices the whole one up to sampling noise.
+            try:
+                exact = solve_flow(q[sample], caps[sample], sample_bounds, restrict=False)
+            except InfeasibleAllocationError:  # the scaled bounds fit no 0/1 matrix
+                return None, start.prices
+            start, sample_error = _newton_prices(*sample_problem, exact.prices, 0)
+    boundary, error = _newton_prices(q, caps, lower, upper, start.prices, NEWTON_FULL_STEPS)
+    if error > RESTRICT_MAX_EXCESS * slots:
+        return None, boundary.prices
+    # Enough candidates to absorb the excess several times over.
+    delta = float(np.quantile(boundary.margin, min(1.0, max(0.02, 16 * error / n))))
+    for _ in range(RESTRICT_TRIES):
+        candidate = boundary.margin <= delta
+        fixed_load = boundary.held[~candidate].sum(axis=0)
+        sub_bounds = LoadBounds(
+            np.maximum(lower - fixed_load, 0), upper - fixed_load, bounds.mean_load
+        )
+        chosen = np.flatnonzero(candidate)
+        try:
+            sub = solve_flow(
+                q[chosen],
+                caps[chosen],
+                sub_bounds,
+                price_sweeps=2,
+                initial_prices=boundary.prices,
+                restrict=False,
+            )
+        except InfeasibleAllocationError:
+            sub = None
+        if sub is not None:
+            x = boundary.held.copy()
+            x[chosen] = sub.assignment
+            load = x.sum(axis=0)
+            move = sub.prices - boundary.prices
+            firm = float(boundary.margin[~candidate].min(initial=np.inf))
+            below, above = sub.prices < -tol, sub.prices > tol
+            if (
+                float(move.max() - move.min()) < firm - tol
+                and (load[below] == lower[below]).all()
+                and (load[above] == upper[above]).all()
+                and (lower <= load).all()
+                and (load <= upper).all()
+            ):
+                solution = FlowSolution(
+                    x, sub.prices, sub.rounds, sub.augmentations, sub.cancelled_cycles, len(chosen)
+                )
+                return solution, None
+            delta = max(2 * delta, 2 * float(move.max() - move.min()))
+            boundary = _boundary(q, caps, sub.prices)
+        else:
+            delta *= 4
+    return None, boundary.prices
 
 
 def _kth_largest(values: np.ndarray, caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -190,7 +452,12 @@ def _top_k(values: np.ndarray, caps: np.ndarray) -> np.ndarray:
 
 
 def _warm_prices(
-    q: np.ndarray, caps: np.ndarray, lower: np.ndarray, upper: np.ndarray, sweeps: int
+    q: np.ndarray,
+    caps: np.ndarray,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    sweeps: int,
+    start: np.ndarray | None = None,
 ) -> np.ndarray:
     """Return expert prices under which the clients' top-k loads nearly meet the bounds.
 
@@ -216,12 +483,12 @@ def _warm_prices(
     num_experts = q.shape[1]
     # Expert-major: every step below reads one expert's column for all clients.
     q_t = np.ascontiguousarray(q.T)
-    reduced_t = q_t.copy()  # Q - p
+    prices = np.zeros(num_experts) if start is None else np.array(start, dtype=float)
+    reduced_t = q_t - prices[:, None]  # Q - p
     fixed = caps == num_experts  # such clients hold every expert at any price
     any_fixed = bool(fixed.any())
     band, flexible = upper - lower, int(caps.sum() - lower.sum())
-    prices = np.zeros(num_experts)
-    kth, after = _kth_largest(q, caps)
+    kth, after = _kth_largest(q - prices, caps)
 
     def holds(e: int) -> np.ndarray:
         held = reduced_t[e] >= kth

@@ -42,9 +42,10 @@ FORMAT_VERSION = 2
 # two would do; one more leaves room for a round whose reply was lost.
 KEEP_GATE_VERSIONS = 3
 # Configuration keys that may differ between a run and its resumption: they change
-# where and how long the run waits or logs, not what it computes.
+# where and how long the run waits, logs or caches, not what it computes.
 RESUMABLE_CHANGES = (
     "checkpoint",
+    "dataset.cache_dir",
     "timeouts",
     "sweep",
     "wandb",

@@ -26,6 +26,7 @@ HELDOUT_FEEDBACK = "heldout-feedback"
 # MetricRecord: local-num/-loss/-acc of the model the client has just trained
 TRAINED_EVALUATION = "trained-evaluation"
 INFO = "info"  # ConfigRecord: capacity, client key (and partitions); query and train replies
+TIMINGS = "timings"  # MetricRecord: seconds the ClientApp spent per phase (train replies)
 GATE = "gate"  # ArrayRecord kept in the client's context.state, never sent
 
 # ConfigRecord keys
@@ -42,6 +43,20 @@ NUM_EXAMPLES = "num-examples"
 MEMORY_MB = "memory-mb"  # the memory budget (MiB) a capacity=auto node derived K from
 
 SPLITS = ("local", "global")
+# Phases of a train call the ClientApp times, in seconds: its data, building the model,
+# reading the received arrays into it, evaluating it, inside train_step, the rest of
+# local training (batching, augmentation, feedback statistics), packing the reply, and
+# the whole handler. Diagnostics only: the server sums them per round, never trusts them.
+CLIENT_PHASES = (
+    "data",
+    "model",
+    "decode",
+    "evaluate",
+    "train_step",
+    "train_other",
+    "encode",
+    "total",
+)
 TRAIN_LOSS = "train-loss"
 TRAIN_ACC = "train-acc"
 
@@ -178,6 +193,23 @@ def decode_train_metrics(record: Mapping[str, Any]) -> tuple[int, float, float]:
         )
     except KeyError as err:
         raise ValueError(f"metrics lack {err}") from None
+
+
+def decode_timings(record: Mapping[str, Any] | None) -> dict[str, float]:
+    """Return the phases of :data:`CLIENT_PHASES` a reply timed, in seconds.
+
+    A missing record, an unknown phase or a value that is not a finite number >= 0 is
+    left out, never an error: timings describe the run, they do not steer it.
+    """
+    if record is None:
+        return {}
+    timings = {}
+    for phase in CLIENT_PHASES:
+        value = record.get(phase)
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if is_number and math.isfinite(value) and value >= 0:
+            timings[phase] = float(value)
+    return timings
 
 
 def arrays_to_numpy(record: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -173,6 +173,7 @@ class Run:
     state: str = COMPLETED
     data: str = ""  # the setup without the experts and capacities (:func:`describe_data`)
     settings: dict[str, str] = field(default_factory=dict)  # flattened config, for checks
+    variants: list[str] = field(default_factory=list)  # the label's method settings
 
     def series(self, key: str) -> np.ndarray:
         """Return ``key`` per round (NaN where a round did not measure it)."""
@@ -301,6 +302,13 @@ def strategy_label(cfg: Any) -> str:
     """
     if int(cfg.model.num_experts) == 1:  # FedAvg of the trunk with one expert
         return SINGLE_EXPERT
+    return " ".join([str(cfg.strategy.name), *variant_settings(cfg)])
+
+
+def variant_settings(cfg: Any) -> list[str]:
+    """Return the method settings of a run that differ from conf/'s, as label texts."""
+    if int(cfg.model.num_experts) == 1:
+        return []
     defaults = _default_method_settings(str(cfg.model.backbone))
     changed = []
     for key, name in VARIANT_KEYS:
@@ -309,7 +317,7 @@ def strategy_label(cfg: Any) -> str:
         if value is None or default is None or value == default:
             continue
         changed.append(_setting_text(name, value))
-    return " ".join([str(cfg.strategy.name), *changed])
+    return changed
 
 
 def _visible_files(folder: Path, name: str) -> Iterator[Path]:
@@ -340,6 +348,7 @@ def load_run(run_dir: str | Path, setup_keys: Sequence[str] = ()) -> Run:
         run_state(run_dir),
         describe_data(cfg) + extra,
         _flatten(OmegaConf.to_container(cfg, resolve=False)),
+        variant_settings(cfg),
     )
 
 
@@ -358,12 +367,30 @@ PLACE_KEYS = ("output_root", "run_name", "dataset.path", "dataset.cache_dir", "w
 
 
 def find_runs(folders: Sequence[str | Path], setup_keys: Sequence[str] = ()) -> list[Run]:
-    """Return every run below ``folders`` (any state; see :attr:`Run.state`)."""
-    return [
+    """Return every run below ``folders`` (any state; see :attr:`Run.state`).
+
+    A method setting that every strategy of a setup shares (e.g. ``top-1`` in a setup
+    whose clients all route to one expert) belongs to the setup: it moves from the
+    strategy labels to the setup's name, so the strategies compare with each other.
+    """
+    runs = [
         load_run(config.parent, setup_keys)
         for folder in folders
         for config in _visible_files(Path(folder), CONFIG_FILE)
     ]
+    for setup in {r.setup for r in runs}:
+        members = [r for r in runs if r.setup == setup and r.strategy != SINGLE_EXPERT]
+        if not members:
+            continue
+        shared = [t for t in members[0].variants if all(t in r.variants for r in members)]
+        if not shared:
+            continue
+        for run in (r for r in runs if r.setup == setup):
+            if run.strategy != SINGLE_EXPERT:
+                kept = [t for t in run.variants if t not in shared]
+                run.strategy = " ".join([run.strategy.split(" ", 1)[0], *kept])
+            run.setup = f"{setup} · {' '.join(shared)}"
+    return runs
 
 
 def run_objective(run_dir: str | Path, objective: str) -> float:

@@ -191,6 +191,8 @@ class RunRecorder:
             for key in ("load_clients", "load_samples"):  # one chart line per expert
                 for expert, load in enumerate(record.get(key, [])):
                     scalars[f"{key}/expert_{expert}"] = load
+            for phase, seconds in record.get("client_time_s", {}).items():  # one per phase
+                scalars[f"client_time_s/{phase}"] = seconds
             self._wandb.log(scalars, step=int(record["round"]))
             self._load_history.append(record.get("load_clients", []))
 

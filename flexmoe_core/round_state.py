@@ -48,11 +48,12 @@ from .fitness import ExpertFeedback, FitnessTable, relative_signals
 from .metrics import LoadTracker, assignment_nmi, assignment_purity, churn, summarise_evaluations
 from .model import split_expert_key
 from .privacy import PrivacyPolicy, epsilon, private_aggregate
+from .protocol import CLIENT_PHASES
 from .results import run_status
 
 # Round-record keys that measure time: they differ between two runs of the same
 # computation, so equality checks (e.g. of a resumed run) leave them out.
-TIMING_KEYS = ("allocation_time_s", "server_time_s", "round_time_s")
+TIMING_KEYS = ("allocation_time_s", "server_time_s", "round_time_s", "client_time_s")
 
 NO_REPLY = "no reply within the round timeout"
 # Third word of the DP noise's seed ([seed, round, DP_STREAM]): a stream of its own,
@@ -133,6 +134,7 @@ class ClientReply:
     evaluation: dict[str, tuple[int, float, float]] | None = None
     heldout: dict[int, ExpertFeedback] | None = None
     trained_evaluation: dict[str, tuple[int, float, float]] | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # protocol.CLIENT_PHASES, s
 
 
 @dataclass
@@ -529,6 +531,11 @@ class RoundState:
                 },
                 "server_time_s": plan.server_time_s + results.server_time_s,
                 "round_time_s": results.wall_time_s,
+                # Summed over the accepted clients: where their time went, per phase.
+                "client_time_s": {
+                    phase: sum(r.timings.get(phase, 0.0) for r in accepted)
+                    for phase in CLIENT_PHASES
+                },
             }
         )
         return record

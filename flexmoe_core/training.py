@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ class TrainResult:
     loss: float
     accuracy: float
     feedback: dict[int, ExpertFeedback]
+    step_time_s: float = 0.0  # wall time inside train_step, all epochs
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ def train_local(
     optimizer = make_optimizer(model, lr, momentum, weight_decay)
     generator = torch.Generator().manual_seed(seed)
     n = len(y)
+    step_time = 0.0
     for epoch in range(epochs):
         stats = _ExpertStats(len(model.expert_ids), device)
         total_loss, correct = 0.0, 0
@@ -151,16 +154,22 @@ def train_local(
             if augment is not None:
                 xb = augment(xb, generator)
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            began = time.perf_counter()
             try:
                 out = train_step(model, optimizer, xb, yb, aux_loss_coef)
             except FloatingPointError as error:
                 raise FloatingPointError(f"{error} in epoch {epoch}; lower train.lr") from None
+            step_time += time.perf_counter() - began
             with torch.no_grad():
                 total_loss += F.cross_entropy(out.logits, yb, reduction="sum").item()
                 correct += int((out.logits.argmax(-1) == yb).sum())
                 stats.add(out.expert_logits, out.routed, yb)
     return TrainResult(
-        n, total_loss / max(n, 1), correct / max(n, 1), stats.feedback(model.expert_ids)
+        n,
+        total_loss / max(n, 1),
+        correct / max(n, 1),
+        stats.feedback(model.expert_ids),
+        step_time,
     )
 
 

@@ -98,8 +98,8 @@ def open_run(cfg: DictConfig) -> tuple[DictConfig, Path, ServerCheckpoint | None
         raise CheckpointError(
             f"cannot resume {run_dir}: the configuration differs from the interrupted "
             "run's in " + "; ".join(changed) + ". Resume with the same overrides (only "
-            "checkpoint.*, timeouts.*, wandb.*, sweep.*, num_rounds, output_root, run_name and "
-            "train.device may change)."
+            "checkpoint.*, timeouts.*, wandb.*, sweep.*, num_rounds, output_root, run_name, "
+            "dataset.cache_dir and train.device may change)."
         )
     named = OmegaConf.merge(cfg, {"run_name": run_dir.name})
     OmegaConf.set_readonly(named, True)

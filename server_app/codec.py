@@ -180,7 +180,17 @@ def decode_reply(
         trained_evaluation = None
         if proto.TRAINED_EVALUATION in content:
             trained_evaluation = proto.decode_evaluation(content[proto.TRAINED_EVALUATION])
-        return ClientReply(key, update, loss, accuracy, evaluation, held_out, trained_evaluation)
+        timings = proto.decode_timings(content.get(proto.TIMINGS))
+        return ClientReply(
+            key,
+            update,
+            loss,
+            accuracy,
+            evaluation,
+            heldout=held_out,
+            trained_evaluation=trained_evaluation,
+            timings=timings,
+        )
     except proto.DECODE_ERRORS as err:
         raise ValueError(f"malformed reply: {_problem(err)}") from None
 

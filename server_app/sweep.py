@@ -72,6 +72,7 @@ STATE_FILE = ".flexmoe_sweep.json"  # in the sweep dir: when this run of the swe
 DIRECTIONS = ("maximize", "minimize")
 # sweep.federation value that runs each job's simulation in the job's own process
 INPROCESS = "inprocess"
+RAY_ADDRESS_ENV = "RAY_ADDRESS"  # read by ray.init in every job's simulation
 _IMPORTED_AT = time.time()
 
 
@@ -106,6 +107,14 @@ class SweepSettings:
             )
         if '"' in federation_config:
             errors.append(f"sweep.federation_config={federation_config!r}: use single quotes")
+        # With RAY_ADDRESS set, every job's simulation attaches to that Ray cluster, and
+        # ray.init refuses CPU or GPU counts when it attaches (they are the cluster's).
+        if (cluster := os.environ.get(RAY_ADDRESS_ENV)) and "init-args-num-" in federation_config:
+            errors.append(
+                f"sweep.federation_config={federation_config!r}: {RAY_ADDRESS_ENV}={cluster} "
+                "attaches the jobs to a Ray cluster, whose nodes set their own CPUs and GPUs; "
+                "leave init-args-num-cpus/-gpus out (client-resources-* size each client)"
+            )
         if errors:
             raise ValueError("Invalid sweep settings:\n  - " + "\n  - ".join(errors))
         app_dir = sweep.get("app_dir")

@@ -246,3 +246,21 @@ def test_runs_of_settings_the_labels_hide_are_reported(tmp_path: Path) -> None:
     comparisons = list(csv.DictReader((tmp_path / "apart" / "comparisons.csv").open()))
     assert {c["other"] for c in comparisons} == {"greedy"}
     assert all(c["setup"].endswith("train.lr=0.05") for c in comparisons)
+
+
+def test_a_setting_every_strategy_shares_belongs_to_the_setup(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for seed, (flex, greedy) in enumerate([(0.6, 0.5), (0.7, 0.62), (0.65, 0.6)]):
+        fake_run_dir(runs, f"seed={seed} model.top_k=1", [0.3, flex])
+        fake_run_dir(runs, f"seed={seed} model.top_k=1 strategy=greedy", [0.3, greedy])
+        fake_run_dir(runs, f"seed={seed} model.top_k=1 fitness.beta=0.2", [0.3, flex])
+    table = build_report([runs], tmp_path / "out")
+    (setup,) = table
+    assert setup.endswith(" · top-1")
+    assert list(table[setup]) == ["flexmoe", "flexmoe β=0.2", "greedy"]
+    # The strategies are compared with flexmoe although none is labelled plain `flexmoe`
+    # by conf/'s defaults (top-2).
+    assert (
+        "| greedy | 3 | +7.7 [+1.4, +13.9] | better |"
+        in (tmp_path / "out" / "results.md").read_text()
+    )

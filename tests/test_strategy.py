@@ -271,3 +271,21 @@ def test_reply_arrays_are_read_exactly_as_flower_writes_them() -> None:
     short.data = short.data[:-4]
     with pytest.raises(ValueError, match="its dtype and shape need 16"):
         to_numpy(short)
+
+
+def test_every_round_says_where_the_clients_time_went(tiny_overrides: str) -> None:
+    cfg = load_config(tiny_overrides)
+    strategy = run(cfg, InProcessGrid(client_app, nodes(3)))
+    for record in strategy.history:
+        phases = record["client_time_s"]
+        assert set(phases) == set(protocol.CLIENT_PHASES)
+        assert phases["train_step"] > 0 and phases["model"] > 0
+        parts = sum(seconds for phase, seconds in phases.items() if phase != "total")
+        # The phases are disjoint parts of the handler: they cannot exceed its total.
+        assert parts <= phases["total"] + 1e-6, phases
+
+
+def test_malformed_timings_are_left_out_not_fatal() -> None:
+    sent = {"train_step": 1.5, "data": -1.0, "model": float("nan"), "encode": True, "x": 3.0}
+    assert protocol.decode_timings(sent) == {"train_step": 1.5}
+    assert protocol.decode_timings(None) == {}

@@ -60,6 +60,19 @@ def test_sweep_settings_name_the_bad_key() -> None:
         SweepSettings.from_config(bad)
 
 
+def test_sweep_settings_refuse_ray_init_counts_on_a_ray_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    counts = OmegaConf.create({"federation_config": "init-args-num-cpus=4"})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    SweepSettings.from_config(counts)  # a Ray instance of the job's own: allowed
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with pytest.raises(ValueError, match=r"RAY_ADDRESS=10\.0\.0\.1:6379 attaches"):
+        SweepSettings.from_config(counts)
+    sized = OmegaConf.create({"federation_config": "client-resources-num-cpus=1"})
+    assert SweepSettings.from_config(sized).federation_config == "client-resources-num-cpus=1"
+
+
 def test_run_overrides_leave_out_sweep_settings_and_the_search_preset() -> None:
     task = ["seed=1", "sweep.objective=wall_s", "search=cpu_flexmoe", "+sweep.x=1", "lr=2"]
     assert run_overrides(task) == ["seed=1", "lr=2"]
