@@ -127,6 +127,7 @@ VARIANT_KEYS: list[tuple[str, str]] = [
     ("fitness.alpha", "α"),
     ("fitness.q0", "q0"),
     ("fitness.source", "source"),
+    ("fitness.relative", "relative"),
     ("fitness.decay", "decay"),
     ("fitness.cold_start", "cold start"),
     ("strategy.switching_cost", "λ"),

@@ -229,6 +229,11 @@ class Roster:
         """Return the partition counts the members' node configs declare."""
         return {m.num_partitions for m in self.members.values() if m.num_partitions}
 
+    def federation_size(self) -> int | None:
+        """Return the simulated federation's size, if every member declares the same."""
+        counts = self.num_partitions()
+        return next(iter(counts)) if len(counts) == 1 else None
+
     def differences(self, capacities: Mapping[int, int]) -> list[str]:
         """Say how the clients differ from an interrupted run's (``capacities`` by key)."""
         notes = []

@@ -41,6 +41,7 @@ from omegaconf import DictConfig
 
 from .aggregation import AggregationPolicy, ClientUpdate, aggregate_bounded, check_update
 from .allocation import Allocation, make_allocator, oracle_fitness, update_deficit
+from .backoff import BackoffPolicy, benched, leave_out
 from .checkpoint import ServerCheckpoint
 from .config import to_container
 from .data.groups import ClientGroups, groups_of
@@ -109,6 +110,8 @@ class RoundPlan:
     allocation: Allocation | None
     available: int
     server_time_s: float = 0.0
+    # Clients left out by the backoff rule (flexmoe_core.backoff): key -> last round out.
+    benched: dict[int, int] = field(default_factory=dict)
 
     @property
     def trains(self) -> bool:
@@ -196,6 +199,7 @@ class RoundState:
         # and what churn is measured against.
         self.holding: dict[int, list[int]] = {}
         self.groups: ClientGroups | None = None  # see set_federation_size
+        self.backoff = BackoffPolicy.from_config(cfg.get("faults"))
         self.global_arrays = dict(initial_arrays)
         self.policy = AggregationPolicy.from_config(cfg)
         self.privacy = PrivacyPolicy.from_config(cfg)
@@ -252,8 +256,13 @@ class RoundState:
         }
 
     def plan(self, server_round: int, capacities: Mapping[int, int]) -> RoundPlan:
-        """Sample among ``capacities``' keys (the available clients) and allocate experts."""
+        """Sample among ``capacities``' keys (the available clients) and allocate experts.
+
+        Clients the backoff rule benches (failed rounds in a row) are not sampled.
+        """
         start = time.perf_counter()
+        bench = benched(self.records(), server_round, self.backoff)
+        capacities, left_out = leave_out(capacities, bench, int(self.cfg.min_clients_per_round))
         participants = self.sample(server_round, capacities)
         caps = np.array([capacities[k] for k in participants])
         if self.allocator.name == "oracle":
@@ -278,6 +287,7 @@ class RoundState:
             allocation=allocation,
             available=len(capacities),
             server_time_s=time.perf_counter() - start,
+            benched=left_out,
         )
 
     def _global_test(self, server_round: int) -> bool:
@@ -512,6 +522,8 @@ class RoundState:
         record.update({f"trained_{k}": v for k, v in summarise_evaluations(trained).items()})
         record.update(self.loads.record(allocation.assignment.sum(axis=0), routed))
         record.update(churn(plan.experts, self.holding, self.expert_bytes))
+        if plan.benched:
+            record["benched"] = {str(k): u for k, u in sorted(plan.benched.items())}
         if self.groups is not None:
             groups = groups_of(self.groups, list(plan.experts))
             record["purity"] = assignment_purity(allocation.assignment, groups)

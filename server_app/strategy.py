@@ -22,7 +22,6 @@ from omegaconf import DictConfig
 from threadpoolctl import threadpool_limits
 
 from flexmoe_core import protocol as proto
-from flexmoe_core.backoff import BackoffPolicy, benched, leave_out
 from flexmoe_core.checkpoint import ServerCheckpoint, save_checkpoint
 from flexmoe_core.config import to_container
 from flexmoe_core.results import RunRecorder, run_status
@@ -96,24 +95,16 @@ class FlexMoEStrategy(Strategy):
         self._results = RoundResults()
         self._grid: Grid | None = None
         self._began = 0.0
-        self.backoff = BackoffPolicy.from_config(cfg.get("faults"))
-        self._benched: dict[int, int] = {}  # this round's clients left out: key -> until
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
-        cfg = self.cfg
+        cfg, fit = self.cfg, self.cfg.fitness
+        fitness = f"{fit.source} {fit.signal}{', relative' if fit.relative else ''}"
         log(
             INFO,
-            "FlexMoEStrategy: strategy=%s, E=%d experts, top-k=%d, fitness=%s (beta=%.2f, "
-            "q0=%.2f), expert weighting=%s, fraction_train=%.2f",
-            cfg.strategy.name,
-            cfg.model.num_experts,
-            cfg.model.top_k,
-            cfg.fitness.signal,
-            cfg.fitness.beta,
-            cfg.fitness.q0,
-            cfg.aggregation.expert_weighting,
-            cfg.fraction_train,
+            f"FlexMoEStrategy: strategy={cfg.strategy.name}, E={cfg.model.num_experts}, "
+            f"top-k={cfg.model.top_k}, fitness {fitness} (beta={fit.beta}, q0={fit.q0}), "
+            f"switching cost {cfg.strategy.get('switching_cost', 0.0)}",
         )
 
     @property
@@ -188,18 +179,6 @@ class FlexMoEStrategy(Strategy):
         assert self.state is not None
         self._began = time.perf_counter()
         capacities = self.membership.await_available(grid, server_round)
-        bench = benched(self.state.records(), server_round, self.backoff)
-        capacities, self._benched = leave_out(
-            capacities, bench, int(self.cfg.min_clients_per_round)
-        )
-        for key, until in self._benched.items():
-            log(
-                INFO,
-                "Round %d: %s left out until round %d (backoff after failed rounds)",
-                server_round,
-                self.membership.name(key),
-                until,
-            )
         return self._messages(self.state.plan(server_round, capacities), grid)
 
     def aggregate_train(
@@ -214,9 +193,6 @@ class FlexMoEStrategy(Strategy):
         assert self.state is not None and self.plan is not None
         self._read(replies)
         self.outcome = outcome = self.state.close(self.plan, self._results)
-        if self._benched:  # in the round's record before it is checkpointed or written
-            record = next(r for r in self.state.records() if r["round"] == self.plan.round)
-            record["benched"] = {str(k): u for k, u in sorted(self._benched.items())}
         self._log(server_round, outcome)
         self._save(outcome.finished)
         record = self.state.pending or self.state.history[-1]
@@ -246,6 +222,10 @@ class FlexMoEStrategy(Strategy):
         return MetricRecord(scores) if scores else None
 
     def _log(self, server_round: int, outcome: RoundOutcome) -> None:
+        assert self.plan is not None
+        for key, until in self.plan.benched.items():
+            where = self.membership.name(key)
+            log(INFO, "Round %d: %s benched until round %d", server_round, where, until)
         for key, why in outcome.failures.items():
             where = self.membership.name(key)
             log(WARNING, "Round %d: %s left out of this round: %s", server_round, where, why)
@@ -298,8 +278,7 @@ class FlexMoEStrategy(Strategy):
         # there (benchmarks/bench_round_cost.py). threadpoolctl comes with scikit-learn.
         with threadpool_limits(limits=1, user_api="blas"):
             self.membership.discover(grid)
-            partitions = self.roster.num_partitions()
-            self.state.set_federation_size(next(iter(partitions)) if len(partitions) == 1 else None)
+            self.state.set_federation_size(self.roster.federation_size())
             if self.resume is not None:
                 self._restore(self.resume)
             for server_round in range(self.state.completed_round + 1, num_rounds + 1):

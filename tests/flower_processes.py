@@ -5,8 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pids_with_env(name: str, value: str) -> list[int]:
@@ -49,3 +53,24 @@ def _zombie(pid: int) -> bool:
 def stop_flower(flwr_home: str) -> None:
     """Stop every process started with ``FLWR_HOME=flwr_home`` (SuperLink, Ray, apps)."""
     stop_processes(pids_with_env("FLWR_HOME", flwr_home))
+
+
+def flwr_run(
+    overrides: str, env: dict[str, str], federation_config: str | None = None, timeout: float = 600
+) -> str:
+    """Run ``flwr run . --stream`` in the project with Hydra ``overrides``; return its log.
+
+    Asserts that it exited 0 (which ``flwr run`` does even when the ServerApp fails:
+    callers check the log or the run folder too).
+    """
+    flwr = str(Path(sys.executable).parent / "flwr")
+    command = [flwr, "run", ".", "--stream"]
+    if federation_config is not None:
+        command += ["--federation-config", federation_config]
+    command += ["--run-config", f'overrides="{overrides}"']
+    proc = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return log

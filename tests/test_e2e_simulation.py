@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from flower_processes import stop_flower
+from flower_processes import flwr_run, stop_flower
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +23,6 @@ def flwr_home(tmp_path: Path):
 
 @pytest.mark.e2e
 def test_flwr_run_simulation_end_to_end(tmp_path: Path, flwr_home: str) -> None:
-    flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
     out = tmp_path / "out"
     # No --federation-config: Flower (>= 1.32) starts 2 SuperNodes, and the run
     # trains them although num_clients says 10 (it warns).
@@ -40,23 +37,7 @@ def test_flwr_run_simulation_end_to_end(tmp_path: Path, flwr_home: str) -> None:
         # flwr starts `flower-superlink` from PATH: use the one beside this interpreter
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    proc = subprocess.run(
-        [
-            flwr,
-            "run",
-            ".",
-            "--stream",
-            "--run-config",
-            f'overrides="{overrides}"',
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    log = flwr_run(overrides, env, timeout=400)
     assert "[round 3/3]" in log and "expert load" in log, log[-4000:]
     run_dir = out / "e2e"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from flower_processes import pids_with_env, stop_processes
+from flower_processes import flwr_run, pids_with_env, stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -137,25 +137,7 @@ def test_flwr_run_uses_every_node_of_an_existing_ray_cluster(
         f"run_name=cluster output_root={out}"
     )
     try:
-        run = subprocess.run(
-            [
-                str(BIN / "flwr"),
-                "run",
-                ".",
-                "--stream",
-                "--federation-config",
-                "num-supernodes=4 client-resources-num-cpus=1",
-                "--run-config",
-                f'overrides="{overrides}"',
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        log = run.stdout + run.stderr
-        assert run.returncode == 0, log[-4000:]
+        log = flwr_run(overrides, env, "num-supernodes=4 client-resources-num-cpus=1")
         assert "[round 2/2]" in log, log[-4000:]
         # Attached, not started: a second Ray instance would have said so.
         assert "Started a local Ray instance" not in log, log[-4000:]
