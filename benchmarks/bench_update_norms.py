@@ -52,12 +52,12 @@ def main() -> None:
         return
     import run_helpers
 
-    import flexmoe_core.round_state as strategy_module  # where aggregate() is called
+    import flexmoe_core.round_state as strategy_module  # where aggregate_bounded() is called
     from flexmoe_core.config import load_config
     from flexmoe_core.model import split_expert_key
 
     records: list[dict] = []
-    original = strategy_module.aggregate
+    original = strategy_module.aggregate_bounded
 
     def recording_aggregate(global_arrays, updates, *args, **kwargs):  # type: ignore[no-untyped-def]
         examples = np.array([u.num_examples for u in updates], dtype=float)
@@ -93,7 +93,7 @@ def main() -> None:
         return original(global_arrays, updates, *args, **kwargs)
 
     _round = [1]
-    strategy_module.aggregate = recording_aggregate
+    strategy_module.aggregate_bounded = recording_aggregate
     overrides = f"{args.overrides} output_root={scratch}/out timeouts.wait_for_clients_s=0"
     cfg = load_config(overrides)
     grid = run_helpers.make_grid(int(cfg.num_clients))

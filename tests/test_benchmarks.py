@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from flower_processes import stop_flower
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_benchmark(script: str, *args: str) -> str:
+def run_benchmark(script: str, *args: str, env: dict[str, str] | None = None) -> str:
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
         timeout=900,
         cwd=ROOT,
+        env=None if env is None else {**os.environ, **env},
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -97,3 +100,58 @@ def test_bench_device_prints_footprints_capacities_and_export_sizes() -> None:
     assert re.search(r"32\s+\d+\.\d\d\s+\d+\.\d\d\s+[1-8]\s+[1-8]$", row), row
     sizes = [line for line in out.splitlines() if line.startswith("cnn (digits")][1]
     assert re.search(r"0\.\d\d, 0\.\d\d$", sizes), sizes
+
+
+TINY_RUN = (
+    "num_clients=3 num_rounds=2 model.width=8 model.feature_dim=16 train.local_epochs=1 "
+    "partition=iid evaluate.global_every=0 timeouts.wait_for_clients_s=0"
+)
+
+
+def test_bench_update_norms_prints_the_honest_update_sizes() -> None:
+    out = run_benchmark("bench_update_norms.py", "--overrides", TINY_RUN)
+    for group in ("backbone", "expert"):
+        line = next(x for x in out.splitlines() if x.startswith(group))
+        assert re.search(r"update RMS: max \d+\.\d{4}, p99 \d+\.\d{4}", line), line
+
+
+@pytest.mark.skipif(
+    not os.environ.get("FLEXMOE_TEST_DATA"), reason="needs FLEXMOE_TEST_DATA (mnist_test/)"
+)
+def test_bench_round_cost_prints_the_server_share_and_its_verdict() -> None:
+    out = run_benchmark("bench_round_cost.py", "--clients", "40", "--rounds", "2")
+    assert re.search(
+        r"^## 40 registered clients, 5% sampled per round \(2 participants\)", out, re.M
+    )
+    assert re.search(r"server overhead <= 5% of round time .*: \d+\.\d\d% (PASS|FAIL)$", out, re.M)
+    assert "peak of one server-only round" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("FLEXMOE_TEST_DATA"), reason="needs FLEXMOE_TEST_DATA (cifar10_jpg/)"
+)
+def test_bench_data_cache_prints_cold_warm_and_their_ratio() -> None:
+    out = run_benchmark("bench_data_cache.py", "--repeats", "1", "--clients", "2")
+    assert re.search(r"ratio cold / warm:\s+\d+ x", out), out[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_bench_privacy_prints_epsilon_and_accuracy_per_setting(tmp_path: Path) -> None:
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    try:
+        out = run_benchmark(
+            "bench_privacy.py",
+            "--out",
+            str(tmp_path / "runs"),
+            "--clients",
+            "2",
+            "--overrides",
+            TINY_RUN.replace("num_clients=3 ", ""),
+            env={"FLWR_HOME": str(home)},
+        )
+    finally:
+        stop_flower(str(home))
+    assert re.search(r"^\| DP, sigma = 0\.3 \| \d", out, re.M), out[-2000:]
