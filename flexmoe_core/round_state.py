@@ -112,6 +112,8 @@ class RoundPlan:
     server_time_s: float = 0.0
     # Clients left out by the backoff rule (flexmoe_core.backoff): key -> last round out.
     benched: dict[int, int] = field(default_factory=dict)
+    # Whether replies must carry the received experts' held-out feedback (fitness.source).
+    heldout_feedback: bool = False
 
     @property
     def trains(self) -> bool:
@@ -288,6 +290,7 @@ class RoundState:
             available=len(capacities),
             server_time_s=time.perf_counter() - start,
             benched=left_out,
+            heldout_feedback=self.heldout_fitness,
         )
 
     def _global_test(self, server_round: int) -> bool:

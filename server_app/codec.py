@@ -144,22 +144,21 @@ def decode_info(reply: Message) -> proto.NodeInfo:
         raise ValueError(f"malformed capacity answer: {_problem(err)}") from None
 
 
-def decode_reply(
-    reply: Message, key: int, trained: bool, evaluated: bool, heldout: bool = False
-) -> ClientReply:
-    """Return a train (or evaluation-only) reply as the round state reads it.
+def decode_reply(reply: Message, key: int, plan: RoundPlan) -> ClientReply:
+    """Return a train (or evaluation-only) reply to ``plan``'s message as the round state reads it.
 
     Every record the message asked for must be there and every field in range (see
     :mod:`flexmoe_core.protocol`): ``arrays``, ``metrics`` and ``feedback`` after
     training, ``evaluation`` (with the local split) when an evaluation was asked, the
-    held-out feedback when the fitness is measured there (``heldout``). The evaluation
-    of the trained model is optional.
+    held-out feedback when the fitness is measured there (``plan.heldout_feedback``).
+    The evaluation of the trained model is optional.
 
     Raises
     ------
     ValueError
         If the reply is malformed (it is then rejected with this reason).
     """
+    trained, evaluated, heldout = plan.trains, plan.evaluates is not None, plan.heldout_feedback
     try:
         content = reply.content
         evaluation = None

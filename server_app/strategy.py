@@ -158,9 +158,7 @@ class FlexMoEStrategy(Strategy):
             if proto.INFO in reply.content:  # a client may report a new capacity
                 self.membership.report_capacity(key, reply)
             try:
-                evaluated = plan.evaluates is not None
-                heldout = plan.trains and self.state is not None and self.state.heldout_fitness
-                results.replies.append(decode_reply(reply, key, plan.trains, evaluated, heldout))
+                results.replies.append(decode_reply(reply, key, plan))
             except ValueError as err:
                 results.failures[key] = f"rejected: {err}"
         answered = {r.key for r in results.replies} | set(results.failures)
@@ -223,15 +221,20 @@ class FlexMoEStrategy(Strategy):
 
     def _log(self, server_round: int, outcome: RoundOutcome) -> None:
         assert self.plan is not None
-        for key, until in self.plan.benched.items():
-            where = self.membership.name(key)
-            log(INFO, "Round %d: %s benched until round %d", server_round, where, until)
-        for key, why in outcome.failures.items():
-            where = self.membership.name(key)
-            log(WARNING, "Round %d: %s left out of this round: %s", server_round, where, why)
-        for key, what in outcome.bounded.items():
-            where = self.membership.name(key)
-            log(WARNING, "Round %d: %s's influence bounded: %s", server_round, where, what)
+        benched = self.plan.benched.items()
+        notes = [
+            *(
+                (INFO, k, f" left out until round {u} (backoff after failed rounds)")
+                for k, u in benched
+            ),
+            *(
+                (WARNING, k, f" left out of this round: {why}")
+                for k, why in outcome.failures.items()
+            ),
+            *((WARNING, k, f"'s influence bounded: {what}") for k, what in outcome.bounded.items()),
+        ]
+        for level, key, text in notes:
+            log(level, "Round %d: %s%s", server_round, self.membership.name(key), text)
 
     def _save(self, finished: list[dict[str, Any]]) -> None:
         # The checkpoint is written before the records: a run killed in between is
