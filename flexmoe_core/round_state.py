@@ -343,7 +343,12 @@ class RoundState:
         for reply in sorted(results.replies, key=lambda r: r.key):
             if reply.key not in plan.experts or reply.key in failures or reply.update is None:
                 continue
-            if problems := check_update(reply.update, self.global_arrays, plan.experts[reply.key]):
+            experts = plan.experts[reply.key]
+            problems = check_update(reply.update, self.global_arrays, experts)
+            measured = sorted(reply.heldout or {})
+            if plan.heldout_feedback and measured != sorted(experts):
+                problems.append(f"held-out feedback for experts {measured}, but it holds {experts}")
+            if problems:
                 failures[reply.key] = "rejected: " + "; ".join(problems)
                 continue
             accepted.append(reply)
@@ -351,10 +356,6 @@ class RoundState:
         failures.update({k: NO_REPLY for k in plan.experts if k not in done})
         if not accepted:
             self._stop_if_stalled(plan.round, failures)
-        if self.heldout_fitness:
-            accepted = self._check_heldout(accepted, plan, failures)
-            if not accepted:
-                self._stop_if_stalled(plan.round, failures)
         updates = [r.update for r in accepted if r.update is not None]
         trust = self._aggregate(plan.round, updates, results.declared_examples)
         self._update_fitness(accepted)
@@ -400,23 +401,6 @@ class RoundState:
         for key, row in signals.items():
             self.fitness.update_signals(key, row)
             self.fitness.decay(key, measured=row.keys())
-
-    @staticmethod
-    def _check_heldout(
-        accepted: list[ClientReply], plan: RoundPlan, failures: dict[int, str]
-    ) -> list[ClientReply]:
-        """Keep the replies whose held-out feedback covers exactly their experts."""
-        kept = []
-        for reply in accepted:
-            measured = set(reply.heldout or {})
-            if measured != set(plan.experts[reply.key]):
-                failures[reply.key] = (
-                    f"rejected: held-out feedback for experts {sorted(measured)}, but it holds "
-                    f"{plan.experts[reply.key]}"
-                )
-            else:
-                kept.append(reply)
-        return kept
 
     def _aggregate(
         self, server_round: int, updates: list[ClientUpdate], declared: Mapping[int, int]

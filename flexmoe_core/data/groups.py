@@ -114,12 +114,7 @@ def _with_labels(data: ArrayDataset, labels: np.ndarray) -> ArrayDataset:
 def _rotated(data: ArrayDataset, quarter_turns: int) -> ArrayDataset:
     if quarter_turns == 0:
         return data
-    if data._x is None:  # a lazily normalised split: rotate the pixels as a view, so
-        # that a subset still reads and converts only its own rows
-        assert data._pixels is not None and data._normaliser is not None
-        pixels = np.rot90(data._pixels, quarter_turns, axes=(2, 3))
-        return ArrayDataset.from_pixels(pixels, data.y, data._normaliser)
-    return ArrayDataset(np.ascontiguousarray(np.rot90(data.x, quarter_turns, axes=(2, 3))), data.y)
+    return data.with_images(lambda images: np.rot90(images, quarter_turns, axes=(2, 3)))
 
 
 def groups_of(groups: ClientGroups | None, clients: Sequence[int]) -> np.ndarray | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +101,18 @@ class ArrayDataset:
         source = self._x if self._x is not None else self._pixels
         assert source is not None
         return tuple(source.shape)
+
+    def with_images(self, transform: Callable[[np.ndarray], np.ndarray]) -> ArrayDataset:
+        """Return the samples with ``transform`` applied to their (N, C, H, W) images.
+
+        A lazily normalised dataset transforms its raw pixels (``transform`` may return a
+        view, e.g. a rotation), so that :meth:`subset` still reads only its own rows; the
+        transform must commute with per-channel normalisation.
+        """
+        if self._x is None:
+            assert self._pixels is not None and self._normaliser is not None
+            return ArrayDataset.from_pixels(transform(self._pixels), self.y, self._normaliser)
+        return ArrayDataset(np.ascontiguousarray(transform(self._x)), self.y)
 
     def subset(self, indices: np.ndarray) -> ArrayDataset:
         """Return the samples at ``indices``."""
