@@ -52,8 +52,15 @@ import numpy as np
 
 from .fitness import ExpertFeedback
 from .model import split_expert_key
+from .robust import (
+    MIN_TRIMMED,
+    example_cap,
+    low_median,
+    trim_count,
+    trimmed_weighted_mean,
+)
 
-METHODS = ("mean", "median", "trimmed_mean")
+METHODS = ("auto", "mean", "median", "trimmed_mean")
 WEIGHTINGS = ("usage", "num_examples")
 BACKBONE = "backbone"
 # BatchNorm running variances: a negative one (finite, so past the NaN check) makes
@@ -81,27 +88,41 @@ class AggregationPolicy:
     ----------
     expert_weighting : {"usage", "num_examples"}
         Weights of an expert's mean over its holders (the backbone's are examples).
-    method : {"mean", "median", "trimmed_mean"}
+    method : {"auto", "mean", "median", "trimmed_mean"}
+        ``auto``: per backbone and expert, the weighted mean of what is left after
+        dropping, per coordinate, ``trim_count(holders, trim_fraction)`` values at
+        each end (at least one from 3 holders on; the plain weighted mean below).
         ``mean`` is weighted; ``median`` and ``trimmed_mean`` are coordinate-wise and
         unweighted.
     trim_fraction : float
-        Share of the values dropped at each end by ``trimmed_mean`` (rounded down, so
-        with fewer than ``1 / trim_fraction`` holders nothing is dropped).
+        Share of the values dropped at each end by ``auto`` and ``trimmed_mean``
+        (rounded down; ``trimmed_mean`` drops nothing with fewer than
+        ``1 / trim_fraction`` holders).
     max_examples_ratio : float or None
         Cap on a client's examples in units of the round's low median; None: no cap.
     max_update_rms : float or None
         Clip of ``update - global`` per backbone and per expert, as a root-mean-square
-        change per element; None: no clip.
+        change per element; None: no clip. The ceiling of the adaptive clip.
+    clip_multiple : float or None
+        Adaptive clip: the backbone's delta, and that of an expert with at least 3
+        holders, is clipped to this many times the round's reference RMS change of
+        that group (:func:`round_bounds`); None: the ceiling only.
+    reject_multiple : float or None
+        A group's delta whose RMS change is more than this many times the reference
+        is left out of that group's aggregate (the holder's other groups still
+        count); None: never.
     top_k : int or None
         Experts per sample (``model.top_k``): bounds a client's total usage. None:
         only the per-expert bound (usage <= examples) applies.
     """
 
     expert_weighting: str = "usage"
-    method: str = "mean"
+    method: str = "auto"
     trim_fraction: float = 0.2
     max_examples_ratio: float | None = 10.0
     max_update_rms: float | None = 1.0
+    clip_multiple: float | None = 4.0
+    reject_multiple: float | None = 50.0
     top_k: int | None = None
 
     def __post_init__(self) -> None:
@@ -115,18 +136,25 @@ class AggregationPolicy:
             raise ValueError(f"max_examples_ratio={self.max_examples_ratio}: must be >= 1")
         if self.max_update_rms is not None and not self.max_update_rms > 0.0:
             raise ValueError(f"max_update_rms={self.max_update_rms}: must be > 0")
+        if self.clip_multiple is not None and not self.clip_multiple >= 1.0:
+            raise ValueError(f"clip_multiple={self.clip_multiple}: must be >= 1")
+        if self.reject_multiple is not None and not self.reject_multiple >= 1.0:
+            raise ValueError(f"reject_multiple={self.reject_multiple}: must be >= 1")
 
     @classmethod
     def from_config(cls, cfg: Any) -> AggregationPolicy:
         """Build from a run configuration (``aggregation.*`` and ``model.top_k``)."""
         agg = cfg.aggregation
         ratio, rms = agg.get("max_examples_ratio"), agg.get("max_update_rms")
+        multiple, far = agg.get("clip_multiple"), agg.get("reject_multiple")
         return cls(
             expert_weighting=str(agg.expert_weighting),
-            method=str(agg.get("method", "mean")),
+            method=str(agg.get("method", "auto")),
             trim_fraction=float(agg.get("trim_fraction", 0.2)),
             max_examples_ratio=None if ratio is None else float(ratio),
             max_update_rms=None if rms is None else float(rms),
+            clip_multiple=None if multiple is None else float(multiple),
+            reject_multiple=None if far is None else float(far),
             top_k=int(cfg.model.top_k),
         )
 
@@ -144,15 +172,18 @@ class InfluenceReport:
     clipped : dict
         ``client -> {group: scale}`` for each clipped group (``"backbone"`` or an
         expert id), ``scale = bound / norm`` of its delta.
+    rejected : dict
+        ``client -> {group: norm / rejection bound}`` for each group left out.
     """
 
     examples: dict[int, tuple[float, float]] = field(default_factory=dict)
     usage: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)
     clipped: dict[int, dict[str | int, float]] = field(default_factory=dict)
+    rejected: dict[int, dict[str | int, float]] = field(default_factory=dict)
 
     def clients(self) -> list[int]:
         """Return the clients whose influence was bounded, sorted."""
-        return sorted(set(self.examples) | set(self.usage) | set(self.clipped))
+        return sorted(set(self.examples) | set(self.usage) | set(self.clipped) | set(self.rejected))
 
     def describe(self, client: int) -> str:
         """Say what was bounded for ``client``, on one line (for the log and the records).
@@ -166,19 +197,17 @@ class InfluenceReport:
             parts.append(f"examples {reported:.4g} counted as {counted:.4g}")
         for expert, (reported, counted) in sorted(self.usage.get(client, {}).items()):
             parts.append(f"usage of expert {expert} {reported:.4g} -> {counted:.4g}")
-        for group, scale in sorted(self.clipped.get(client, {}).items(), key=lambda g: str(g[0])):
+        rejected, clipped = self.rejected.get(client, {}), self.clipped.get(client, {})
+        for group in sorted(set(rejected) | set(clipped), key=str):
             name = "backbone" if group == BACKBONE else f"expert {group}"
-            parts.append(f"{name} delta clipped x{scale:.3g}")
+            if group in rejected:
+                parts.append(f"{name} delta {rejected[group]:.3g}x the rejection bound: left out")
+            else:
+                parts.append(f"{name} delta clipped x{clipped[group]:.3g}")
         return "; ".join(parts)
 
 
 # ------------------------------------------------------------------ weights
-def low_median(values: Sequence[float]) -> float:
-    """Return the lower middle value (the smaller of the two middles for even counts)."""
-    ordered = sorted(values)
-    return float(ordered[(len(ordered) - 1) // 2])
-
-
 def bounded_counts(
     updates: Sequence[ClientUpdate],
     policy: AggregationPolicy,
@@ -213,7 +242,11 @@ def bounded_counts(
             count = min(count, max(float(declared[u.client_id]), 0.0))
         examples.append(count)
     if policy.max_examples_ratio is not None and examples:
-        cap = policy.max_examples_ratio * low_median(examples)
+        # The distribution of what the participants declared before the round (their
+        # reports when none declared): a minority's claims move neither its median
+        # nor its quartiles.
+        claims = [float(declared[u.client_id]) for u in updates if u.client_id in declared]
+        cap = example_cap(claims or examples, policy.max_examples_ratio)
         examples = [min(count, cap) for count in examples]
     usages = []
     for u, count in zip(updates, examples, strict=True):
@@ -273,11 +306,14 @@ def clip_update(
     update: ClientUpdate,
     global_arrays: Mapping[str, np.ndarray],
     bounds: Mapping[str | int, float],
+    norms: Mapping[str | int, float] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str | int, float]]:
     """Return the update's arrays with each group's delta clipped to ``bounds[group]``.
 
     Arrays of unclipped groups and integer arrays are returned as they are (the same
     objects), so a round without clipping aggregates bit for bit as before.
+
+    ``norms`` are the update's :func:`delta_norms`, if already computed.
 
     Returns
     -------
@@ -285,9 +321,10 @@ def clip_update(
     scales : dict
         ``group -> bound / norm`` for each clipped group.
     """
+    norms = delta_norms(update, global_arrays) if norms is None else norms
     scales = {
         group: bounds[group] / norm
-        for group, norm in delta_norms(update, global_arrays).items()
+        for group, norm in norms.items()
         if group in bounds and norm > bounds[group]
     }
     if not scales:
@@ -303,7 +340,62 @@ def clip_update(
     return arrays, scales
 
 
+@dataclass(frozen=True)
+class GroupBounds:
+    """Bounds of one group's delta in one round (L2 norms; ``inf``: none)."""
+
+    clip: float  # clipped down to this
+    reject: float  # above this the holder's copy of the group is left out
+
+
+def round_bounds(
+    norms: Sequence[Mapping[str | int, float]],
+    sizes: Mapping[str | int, int],
+    policy: AggregationPolicy,
+) -> dict[str | int, GroupBounds]:
+    """Return each group's bounds this round (adaptive, under the absolute ceiling).
+
+    ``norms`` holds each update's :func:`delta_norms`, ``sizes`` each group's
+    floating-point elements. The *reference* of the backbone, and of an expert with at
+    least 3 holders, is the low median RMS change over its holders: a delta is clipped
+    to ``min(max_update_rms, clip_multiple * reference)`` per element and left out
+    above ``reject_multiple * reference``. An expert with fewer holders has no
+    majority to measure it by: it is clipped to the ceiling only and left out above
+    ``reject_multiple`` times the low median over every expert delta of the round
+    (honest experts move by up to ~35x that median, as the samples routed to them
+    differ; the attacks it stops move them by hundreds). Zero changes are left out of
+    the medians. A low median is robust: a minority of holders cannot raise it.
+    """
+    rms_by_group: dict[str | int, list[float]] = {}
+    for update_norms in norms:
+        for group, norm in update_norms.items():
+            if sizes.get(group) and norm > 0:
+                rms_by_group.setdefault(group, []).append(norm / math.sqrt(sizes[group]))
+    pooled = [r for g, rows in rms_by_group.items() if g != BACKBONE for r in rows]
+    ceiling = math.inf if policy.max_update_rms is None else policy.max_update_rms
+    clip_multiple = math.inf if policy.clip_multiple is None else policy.clip_multiple
+    reject_multiple = math.inf if policy.reject_multiple is None else policy.reject_multiple
+    bounds: dict[str | int, GroupBounds] = {}
+    for group, size in sizes.items():
+        rows = rms_by_group.get(group, [])
+        clip, reject = ceiling, math.inf
+        if rows and (group == BACKBONE or len(rows) >= MIN_TRIMMED):
+            reference = low_median(rows)
+            clip = min(ceiling, clip_multiple * reference)
+            reject = reject_multiple * reference
+        elif pooled:
+            reject = reject_multiple * low_median(pooled)
+        bounds[group] = GroupBounds(clip * math.sqrt(size), reject * math.sqrt(size))
+    return bounds
+
+
 # ------------------------------------------------------------------ combining
+def as_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Return float64 ``values`` in ``dtype`` (integers rounded)."""
+    out = np.rint(values) if np.issubdtype(dtype, np.integer) else values
+    return np.asarray(out, dtype=dtype)
+
+
 def weighted_mean(stack: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarray:
     """Return sum_i w_i a_i / sum_i w_i, in the arrays' dtype (integers rounded)."""
     dtype = stack[0].dtype
@@ -377,25 +469,25 @@ def aggregate_bounded(
     if not updates:
         return AggregationResult(result, report)
     examples, usages = bounded_counts(updates, policy, declared_examples, report)
-    bounds = (
-        {}
-        if policy.max_update_rms is None
-        else {
-            g: policy.max_update_rms * math.sqrt(n) for g, n in group_sizes(global_arrays).items()
-        }
-    )
+    norms = [delta_norms(u, global_arrays) for u in updates]
+    bounds = round_bounds(norms, group_sizes(global_arrays), policy)
+    clip = {g: b.clip for g, b in bounds.items() if math.isfinite(b.clip)}
     clipped = []
-    for u in updates:
-        arrays, scales = clip_update(u, global_arrays, bounds)
+    for u, norm in zip(updates, norms, strict=True):
+        arrays, scales = clip_update(u, global_arrays, clip, norm)
         if scales:
             report.clipped[u.client_id] = scales
+        if far := {g: n / bounds[g].reject for g, n in norm.items() if n > bounds[g].reject}:
+            # Far beyond what the round's holders moved: not this group's data at all.
+            report.rejected[u.client_id] = far
+            arrays = {k: v for k, v in arrays.items() if group_of(k) not in far}
         clipped.append(arrays)
     for name in global_arrays:
         holders = [i for i, arrays in enumerate(clipped) if name in arrays]
         if not holders:
             continue
         stack = [clipped[i][name] for i in holders]
-        if policy.method != "mean":
+        if policy.method in ("median", "trimmed_mean"):
             result[name] = robust_mean(stack, policy.method, policy.trim_fraction)
             continue
         group = group_of(name)
@@ -403,7 +495,11 @@ def aggregate_bounded(
             weights = np.array([examples[i] for i in holders], dtype=float)
         else:
             weights = np.array([usages[i].get(int(group), 0.0) for i in holders], dtype=float)
-        result[name] = weighted_mean(stack, weights)
+        if policy.method == "auto":
+            cut = trim_count(len(stack), policy.trim_fraction)
+            result[name] = as_dtype(trimmed_weighted_mean(stack, weights, cut), stack[0].dtype)
+        else:
+            result[name] = weighted_mean(stack, weights)
     return AggregationResult(result, report)
 
 

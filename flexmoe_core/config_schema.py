@@ -179,7 +179,7 @@ def _installed(module: str, extra: str, setting: str) -> list[str]:
 
 def _privacy_needs_mean(value: Any, cfg: DictConfig) -> list[str]:
     method = OmegaConf.select(cfg, "aggregation.method")
-    if value and method != "mean":
+    if value and method not in ("auto", "mean"):
         return [
             f"differential privacy calibrates its noise to a mean, not to "
             f"aggregation.method={method}; set aggregation.method=mean or privacy.enabled=false"
@@ -277,7 +277,7 @@ SETTINGS: tuple[Setting, ...] = (
     S(
         "aggregation.method",
         "str",
-        choices=("mean", "median", "trimmed_mean"),
+        choices=("auto", "mean", "median", "trimmed_mean"),
         meaning="how updates combine",
     ),
     S("aggregation.trim_fraction", "float", "[0, 0.5)", meaning="share trimmed at each end"),
@@ -286,6 +286,18 @@ SETTINGS: tuple[Setting, ...] = (
         "float|null",
         "[1, inf)",
         meaning="cap on examples, in round medians",
+    ),
+    S(
+        "aggregation.clip_multiple",
+        "float|null",
+        "[1, inf)",
+        meaning="adaptive clip, in round low medians of the RMS change",
+    ),
+    S(
+        "aggregation.reject_multiple",
+        "float|null",
+        "[1, inf)",
+        meaning="delta left out above this many round low medians of the RMS change",
     ),
     S(
         "aggregation.max_update_rms",
@@ -302,6 +314,12 @@ SETTINGS: tuple[Setting, ...] = (
     # timeouts
     S("timeouts.wait_for_clients_s", "float", "[0, inf)", meaning="wait for nodes at start"),
     S("timeouts.round_s", "float", "(0, inf)", meaning="wait for replies in a round"),
+    S(
+        "timeouts.rebind_grace_s",
+        "float",
+        "[0, inf)",
+        meaning="wait after a holder is reported unavailable before its key can move",
+    ),
     # logging, faults, checkpoints
     S("wandb.enabled", "bool", meaning="W&B logging", check=_wandb_installed),
     S("wandb.project", "str", meaning="W&B project"),

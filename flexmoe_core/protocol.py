@@ -230,17 +230,22 @@ def encode_feedback(
     }
 
 
-def decode_feedback(record: Mapping[str, Any]) -> dict[int, ExpertFeedback]:
-    """Parse feedback written by :func:`encode_feedback`.
+def decode_feedback(
+    record: Mapping[str, Any], limit: int | None = None
+) -> dict[int, ExpertFeedback]:
+    """Parse feedback written by :func:`encode_feedback` (at most ``limit`` experts).
 
     Raises
     ------
     ValueError
-        If a list is missing, the lists differ in length, or a value is not finite or
-        out of range.
+        If a list is missing, longer than ``limit``, the lists differ in length, or a
+        value is not finite or out of range.
     """
     try:
-        columns = [list(record[key]) for key in ("experts", "usage", "accuracy", "loss")]
+        values = [record[key] for key in ("experts", "usage", "accuracy", "loss")]
+        if limit is not None and any(len(v) > limit for v in values):
+            raise ValueError(f"feedback for more than the {limit} experts held")
+        columns = [list(v) for v in values]
     except KeyError as err:
         raise ValueError(f"feedback lacks {err}") from None
     except TypeError:

@@ -9,11 +9,13 @@ gets a new node id and, by claiming its key again, takes back everything kept un
 Binding rules (:meth:`Roster.claim`):
 
 * a key nobody holds goes to the first node that claims it;
-* a key held by a node that is still *connected and responsive* cannot be taken: the
-  second claimant is refused, with a message naming both nodes, and may ask again;
-* a key whose holder has left, or missed its last message (no reply, node
-  unavailable), goes to the next claimant: that is how a restarted node gets its key
-  back while its old node id is still listed as connected.
+* a key held by a node that is still *connected* cannot be taken, even when the
+  holder answered late or not at all (a timeout says nothing about who the holder
+  is): the second claimant is refused, with a message naming both nodes, and may ask
+  again;
+* a key whose holder has left (the SuperLink no longer lists it), or that the
+  SuperLink has reported unavailable at least ``rebind_grace_s`` ago, goes to the next
+  claimant: that is how a restarted node gets its key back.
 
 A node that misses a message stays out of the sampling until it answers again; a node
 that leaves the federation is forgotten, and a claim of its key is a rejoin.
@@ -21,7 +23,8 @@ that leaves the federation is forgotten, and a claim of its key is a rejoin.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Hashable, Iterable, Mapping
+import time
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 
 from .capacity import parse_capacity
@@ -47,6 +50,9 @@ class Member:
     num_examples : int or None
         The training examples it declared when it claimed its key: its example count
         in an aggregation counts at most this (:mod:`flexmoe_core.aggregation`).
+    unavailable_since : float or None
+        When (the roster's clock) the SuperLink first reported the holder unavailable;
+        None while it is not reported gone.
     """
 
     key: int
@@ -55,6 +61,7 @@ class Member:
     responsive: bool = True
     num_partitions: int | None = None
     num_examples: int | None = None
+    unavailable_since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -88,13 +95,25 @@ class Roster:
     known : mapping of int to int, optional
         Capacities of keys known from an interrupted run (its checkpoint): claiming
         one of them is a rejoin.
+    rebind_grace_s : float
+        How long after the SuperLink reported a holder unavailable its key may go to
+        another claimant while the holder is still listed as connected.
+    clock : callable
+        Seconds of a monotonic clock (tests pass their own).
     """
 
-    def __init__(self, num_experts: int, known: Mapping[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        known: Mapping[int, int] | None = None,
+        rebind_grace_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.num_experts = num_experts
         self.members: dict[int, Member] = {}
         self._key_of: dict[Hashable, int] = {}
         self._known = {int(k): int(v) for k, v in (known or {}).items()}
+        self.rebind_grace_s, self.clock = rebind_grace_s, clock
 
     # ---------------------------------------------------------------- claims
     def claim(
@@ -129,7 +148,7 @@ class Roster:
             )
         member = self.members.get(key)
         if member is not None and member.holder is not None and member.holder != holder:
-            if member.holder in connected and member.responsive:
+            if member.holder in connected and not self._reported_gone(member):
                 return Admission(
                     "refused",
                     key,
@@ -145,7 +164,7 @@ class Roster:
         else:
             status = "kept" if member.holder == holder else "rejoined"
             member.capacity = capacity
-        member.holder, member.responsive = holder, True
+        member.holder, member.responsive, member.unavailable_since = holder, True, None
         member.num_partitions, member.num_examples = num_partitions, num_examples
         member.memory_mb = memory_mb
         self._key_of[holder] = key
@@ -182,14 +201,33 @@ class Roster:
         return set(self._key_of)
 
     def missed(self, key: int) -> None:
-        """Note that ``key``'s holder did not answer: it is not sampled until it does."""
+        """Note that ``key``'s holder did not answer: it is not sampled until it does.
+
+        It keeps the key: a late reply is no sign that somebody else should hold it.
+        """
         if key in self.members:
             self.members[key].responsive = False
+
+    def unavailable(self, key: int) -> None:
+        """Note that the SuperLink reported ``key``'s holder unavailable (gone).
+
+        Not sampled until it answers; after ``rebind_grace_s`` another node may claim
+        the key even while the holder is still listed as connected.
+        """
+        if (member := self.members.get(key)) is not None:
+            member.responsive = False
+            if member.unavailable_since is None:
+                member.unavailable_since = self.clock()
 
     def answered(self, key: int) -> None:
         """Note that ``key``'s holder answered a message."""
         if key in self.members:
             self.members[key].responsive = True
+            self.members[key].unavailable_since = None
+
+    def _reported_gone(self, member: Member) -> bool:
+        since = member.unavailable_since
+        return since is not None and self.clock() - since >= self.rebind_grace_s
 
     def unresponsive(self) -> list[Hashable]:
         """Return the holders that missed their last message (to be asked again)."""

@@ -31,6 +31,10 @@ NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
 class InProcessGrid(Grid):
     """Delivers each message to ``client_app`` with the node's persistent Context.
 
+    Synchronous: a message is answered (or dropped) as it is pushed, so a reply not
+    pulled right after the push never comes (``synchronous``, read by the strategy's
+    wait for replies).
+
     Like Flower's grids, it gives every message it sends a message id; a reply names
     the id of the message it answers.
 
@@ -50,6 +54,8 @@ class InProcessGrid(Grid):
     tamper : callable, optional
         ``tamper(node_id, reply) -> Message``: alter a reply before the server sees it.
     """
+
+    synchronous = True
 
     def __init__(
         self,

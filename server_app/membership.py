@@ -29,6 +29,8 @@ from flexmoe_core.roster import Roster
 from .codec import NODE_UNAVAILABLE, decode_info, error_reason, query_message
 
 POLL_S = 0.5  # how often discovery looks for new nodes and answers
+PULL_S = 0.25  # how often a round pulls its replies (Flower's own loop waits 3 s)
+REFRESH_S = 2.0  # how often a round looks for nodes that connected while it runs
 
 
 def budget_note(memory_mb: float | None) -> str:
@@ -170,6 +172,33 @@ class Membership:
             node,
             why,
         )
+
+    def exchange(self, grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+        """Send a round's messages and collect their replies, asking newcomers meanwhile.
+
+        Like Flower's ``Grid.send_and_receive`` (replies until all are in or
+        ``timeout`` seconds pass), but while the round waits it also asks nodes that
+        connect (a restarted SuperNode) for their capacity, so they train from the
+        next round on instead of the one after. A grid whose ``synchronous`` attribute
+        is true (the in-process grid) has every reply it will ever give right after
+        the push.
+        """
+        pending = {i for i in grid.push_messages(messages) if i}
+        replies: list[Message] = []
+        deadline = time.monotonic() + timeout
+        next_refresh = time.monotonic() + REFRESH_S
+        while pending:
+            got = list(grid.pull_messages(sorted(pending)))
+            replies += got
+            pending -= {r.metadata.reply_to_message_id for r in got}
+            now = time.monotonic()
+            if not pending or now >= deadline or getattr(grid, "synchronous", False):
+                break
+            if now >= next_refresh:
+                self.refresh(grid)
+                next_refresh = now + REFRESH_S
+            time.sleep(PULL_S)
+        return replies
 
     # --------------------------------------------------------------- waiting
     def expected(self) -> int:

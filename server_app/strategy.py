@@ -84,7 +84,9 @@ class FlexMoEStrategy(Strategy):
         self.cfg, self.recorder = cfg, recorder
         self.checkpoint_path, self.resume = checkpoint_path, resume
         self.roster = Roster(
-            int(cfg.model.num_experts), known=None if resume is None else resume.capacities
+            int(cfg.model.num_experts),
+            known=None if resume is None else resume.capacities,
+            rebind_grace_s=float(cfg.timeouts.rebind_grace_s),
         )
         self.run_config = json.dumps(to_container(cfg))
         self.membership = Membership(cfg, self.roster, self.run_config)
@@ -147,7 +149,7 @@ class FlexMoEStrategy(Strategy):
             if reply.has_error():
                 reason = error_reason(reply.error.reason)
                 unavailable = reply.error.code == NODE_UNAVAILABLE
-                (self.roster.missed if unavailable else self.roster.answered)(key)
+                (self.roster.unavailable if unavailable else self.roster.answered)(key)
                 results.failures[key] = (
                     "node unavailable: " if unavailable else "client error: "
                 ) + reason
@@ -233,8 +235,15 @@ class FlexMoEStrategy(Strategy):
             ),
             *((WARNING, k, f"'s influence bounded: {what}") for k, what in outcome.bounded.items()),
         ]
+        # Named by the node the message went to: the key may have moved on since.
+        nodes = {
+            k: m.metadata.dst_node_id for m, k in zip(self._outbox, self.plan.experts, strict=False)
+        }
         for level, key, text in notes:
-            log(level, "Round %d: %s%s", server_round, self.membership.name(key), text)
+            name = (
+                f"node {nodes[key]} (client {key})" if key in nodes else self.membership.name(key)
+            )
+            log(level, "Round %d: %s%s", server_round, name, text)
 
     def _save(self, finished: list[dict[str, Any]]) -> None:
         # The checkpoint is written before the records: a run killed in between is
@@ -286,11 +295,11 @@ class FlexMoEStrategy(Strategy):
                 self._restore(self.resume)
             for server_round in range(self.state.completed_round + 1, num_rounds + 1):
                 messages = self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
-                replies = grid.send_and_receive(messages, timeout=timeout)
+                replies = self.membership.exchange(grid, list(messages), timeout)
                 self.aggregate_train(server_round, replies)
             last = self.state.completed_round
             if messages := list(self.configure_evaluate(last, ArrayRecord(), ConfigRecord(), grid)):
-                self.aggregate_evaluate(last, grid.send_and_receive(messages, timeout=timeout))
+                self.aggregate_evaluate(last, self.membership.exchange(grid, messages, timeout))
         return result_from_records(to_array_record(self.global_arrays), self.history)
 
     def final_summary(self, error: str | None = None) -> dict[str, Any]:

@@ -56,10 +56,13 @@ def test_a_restarted_node_takes_back_its_key_fitness_row_and_gate(tmp_path, monk
 
     def fail(node: int, message: Message) -> str | None:
         if node in dead:
-            return "drop"  # a killed node answers nothing; it stays listed for a while
+            return "drop"  # a killed node answers nothing
         if node == 1001 and is_train(message) and round_of(message) == 2:
             dead.add(node)
-            grid.add_node(configs[1])  # restarted with the same node config: node 1003
+            # The SuperLink delists it once its heartbeats have stopped (here: before
+            # round 3); it restarts with the same node config: node 1003.
+            grid.offline.add(node)
+            grid.add_node(configs[1])
             return "drop"
         return None
 
@@ -137,3 +140,28 @@ def test_a_second_claimant_is_refused_while_the_holder_is_connected(caplog) -> N
     assert [1001 in trained_by(grid, r) for r in (1, 2, 3, 4)] == [True, True, True, False]
     assert [1003 in trained_by(grid, r) for r in (1, 2, 3, 4)] == [False, False, False, True]
     assert all(r["failures"] == {} for r in strategy.history)
+
+
+def test_a_late_reply_keeps_the_key_and_an_impostor_is_refused(caplog) -> None:
+    # The honest holder of client 1 misses round 2's deadline while connected; a second
+    # node then claims client 1. The key stays with the honest node, which trains again.
+    configs = node_configs(3)
+    grid = make_grid(3, configs=configs)
+
+    def fail(node: int, message: Message) -> str | None:
+        if node == 1001 and is_train(message) and round_of(message) == 2:
+            grid.add_node(configs[1])  # node 1003 claims client 1
+            return "drop"  # answers too late: no reply within the round
+        return None
+
+    grid.fail = fail
+    caplog.set_level("WARNING")
+    strategy = run_strategy(fast_config(num_rounds=4), grid)
+    assert "Node 1003 refused for now: client key 1 is bound to node 1001" in caplog.text
+    assert "Client 1 rejoined" not in caplog.text
+    assert strategy.roster.holder_of(1) == 1001
+    assert not any(1003 in trained_by(grid, r) for r in (1, 2, 3, 4))
+    # The honest node answered the next query and trains from round 3 on.
+    assert [1001 in trained_by(grid, r) for r in (1, 2, 3, 4)] == [True, True, True, True]
+    assert list(strategy.history[1]["failures"]) == ["1"]
+    assert "node 1001 (client 1) left out of this round" in caplog.text

@@ -11,6 +11,7 @@ partitioners take samples in dataset order.
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from collections.abc import Mapping
 from functools import cache
@@ -158,6 +159,18 @@ def partition_indices(
             f"fewer than partition.min_partition_size={minimum}; {_fix_hint(cfg)}"
         )
     return parts
+
+
+def largest_local_test(train_size: int, test_fraction: float) -> int:
+    """Return the most local test samples a client with ``train_size`` training samples holds.
+
+    The inverse of :func:`client_split`'s rule (``round(n * test_fraction)`` of ``n``
+    samples held out, at least one): the server bounds a client's local evaluation
+    count by it, from the training examples the client declared.
+    """
+    if test_fraction <= 0.0:
+        return 0
+    return math.ceil(train_size * test_fraction / (1.0 - test_fraction)) + 1
 
 
 def client_split(
