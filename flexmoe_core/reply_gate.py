@@ -37,7 +37,7 @@ from .round_state import ClientReply, RoundPlan
 NPY_HEADER_BYTES = 65_536
 
 
-class ReplyRejected(ValueError):
+class ReplyRejectedError(ValueError):
     """A reply that cannot be used; the message says every reason found."""
 
 
@@ -180,7 +180,7 @@ def judge_reply(
 
     Raises
     ------
-    ReplyRejected
+    ReplyRejectedError
         With every reason found.
     """
     trained, evaluated = plan.trains, plan.evaluates is not None
@@ -189,7 +189,7 @@ def judge_reply(
         if evaluated:
             evaluation = proto.decode_evaluation(content[proto.EVALUATION])
             if "local" not in evaluation:
-                raise ReplyRejected("the evaluation lacks the local split")
+                raise ReplyRejectedError("the evaluation lacks the local split")
             evaluation, claims = capped_evaluation(evaluation, caps, "")
         if not trained:
             return ClientReply(key, evaluation=evaluation, claims=claims)
@@ -197,7 +197,7 @@ def judge_reply(
         expected = expected_arrays(global_arrays, experts)
         record = content[proto.ARRAYS]
         if problems := array_problems(record, expected):
-            raise ReplyRejected("; ".join(problems))
+            raise ReplyRejectedError("; ".join(problems))
         arrays = {name: decode(array) for name, array in record.items()}
         problems = value_problems(arrays)
         num_examples, loss, accuracy = proto.decode_train_metrics(content[proto.METRICS])
@@ -208,7 +208,7 @@ def judge_reply(
             heldout = proto.decode_feedback(content[proto.HELDOUT_FEEDBACK], limit=len(experts))
             problems += expert_problems("held-out feedback", heldout, experts)
         if problems:
-            raise ReplyRejected("; ".join(problems))
+            raise ReplyRejectedError("; ".join(problems))
         trained_evaluation = None
         if proto.TRAINED_EVALUATION in content:
             trained_evaluation, cut = capped_evaluation(
@@ -226,8 +226,8 @@ def judge_reply(
             timings=proto.decode_timings(content.get(proto.TIMINGS)),
             claims=claims,
         )
-    except ReplyRejected:
+    except ReplyRejectedError:
         raise
     except proto.DECODE_ERRORS as err:
         problem = f"no {err} in the reply" if isinstance(err, KeyError) else str(err)
-        raise ReplyRejected(f"malformed reply: {problem}") from None
+        raise ReplyRejectedError(f"malformed reply: {problem}") from None

@@ -22,8 +22,8 @@ from flwr.app import Array
 from run_helpers import FAST, initial_arrays
 
 from flexmoe_core import protocol as proto
-from flexmoe_core.reply_gate import EvaluationCaps, ReplyRejected, expected_arrays, judge_reply
 from flexmoe_core.config import load_config
+from flexmoe_core.reply_gate import EvaluationCaps, ReplyRejectedError, expected_arrays, judge_reply
 from flexmoe_core.round_state import RoundState
 from server_app.app import run
 from server_app.codec import to_numpy
@@ -102,7 +102,7 @@ def test_the_gate_reads_no_byte_of_an_oversized_array() -> None:
     sent["extra.weight"] = Array(np.ones(25 * 2**20, dtype=np.float32))  # 100 MiB
     content = {proto.ARRAYS: sent}
     tracemalloc.start()
-    with pytest.raises(ReplyRejected, match=r"extra.weight: 100 MiB refused unread"):
+    with pytest.raises(ReplyRejectedError, match=r"extra.weight: 100 MiB refused unread"):
         judge_reply(content, 0, plan, arrays, EvaluationCaps(), to_numpy)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()

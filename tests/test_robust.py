@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flexmoe_core.roster import Roster
 from flexmoe_core.robust import (
     example_cap,
     low_median,
@@ -14,6 +13,7 @@ from flexmoe_core.robust import (
     trimmed_average,
     trimmed_weighted_mean,
 )
+from flexmoe_core.roster import Roster
 
 
 def test_trim_count_drops_one_at_each_end_from_three_values() -> None:
