@@ -45,6 +45,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from scipy import stats
 
+from .allocation.registry import ALL_EXPERTS_STRATEGY_NAMES, STRATEGY_NAMES
 from .config import conf_dir
 from .plots import (
     CURVE_PANELS,
@@ -64,22 +65,14 @@ from .results import (
 )
 
 REFERENCE = "flexmoe"  # the strategy every other one is compared with
-STRATEGY_ORDER = [
-    "flexmoe",
-    "oracle",
-    "greedy",
-    "random",
-    "expert_choice",
-    "dense",
-    "fedavg_e1",
-]
+STRATEGY_ORDER = [*STRATEGY_NAMES, "fedavg_e1"]
 # The single-expert baseline (model.num_experts = 1): compared with every setup that
 # trains on the same data, whatever that setup's E and capacities.
 SINGLE_EXPERT = "fedavg_e1"
 # Strategies whose clients do not hold k_c of E experts: left out of the load heatmaps,
 # whose colour scale they would set (dense: every client holds all E; the single-expert
 # baseline: every client holds the one expert).
-UNBOUNDED_STRATEGIES = ("dense", SINGLE_EXPERT)
+UNBOUNDED_STRATEGIES = (*ALL_EXPERTS_STRATEGY_NAMES, SINGLE_EXPERT)
 
 # (column, what it means); every column is also a valid sweep objective
 COLUMNS: list[tuple[str, str]] = [
