@@ -35,9 +35,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from .checkpoint import gate_dir, load_gate
 from .data.images import IMAGE_SUFFIXES, decode_image
 from .data.sources import Normaliser
+from .gate_store import gate_dir, load_gate
 from .model import BACKBONE_PREFIX, GATE_PREFIX, MoEClassifier, build_model, split_expert_key
 from .results import CONFIG_FILE, METRICS_FILE, MODEL_FILE, read_metrics
 

@@ -27,12 +27,10 @@ from flexmoe_core.checkpoint import (
     checkpoint_path,
     config_differences,
     load_checkpoint,
-    load_gate,
-    pick_gate_version,
     save_checkpoint,
-    save_gate,
 )
 from flexmoe_core.config import to_container
+from flexmoe_core.gate_store import load_gate, pick_gate_version, save_gate
 from flexmoe_core.results import METRICS_FILE, MODEL_FILE, SUMMARY_FILE, RunRecorder, read_metrics
 from server_app.app import run
 from server_app.inprocess import InProcessGrid
