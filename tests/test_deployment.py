@@ -25,7 +25,6 @@ from flexmoe_core.results import read_metrics
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "local_federation.py"
 BIN = Path(sys.executable).parent
 
 
@@ -154,7 +153,7 @@ def federation_env(tmp: Path) -> dict[str, str]:
 
 def script(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, "-m", "flexmoe_launch.local_federation", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -173,7 +172,7 @@ def _alive(record: dict[str, Any]) -> bool:
 
 @pytest.fixture
 def federation(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """A work dir for ``local_federation.py``; whatever it started is stopped afterwards."""
+    """A work dir for ``flexmoe-federation``; whatever it started is stopped afterwards."""
     env = federation_env(tmp_path)
     workdir = tmp_path / "fed"
     yield {"env": env, "workdir": workdir, "tmp": tmp_path}

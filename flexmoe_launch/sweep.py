@@ -11,7 +11,7 @@ run. A job
 - runs in its own folder, ``<sweep dir>/<num>_<overrides>``, which is also the run's
   folder (``output_root``/``run_name``);
 - in simulation, uses a SuperLink of its own (own Flower home and port, see
-  :mod:`server_app.local_superlink`), so jobs can run side by side under the joblib
+  :mod:`flexmoe_launch.local_superlink`), so jobs can run side by side under the joblib
   or submitit launchers, and stops it when it ends;
 - is skipped when its folder already holds a completed run of the same overrides,
   and resumes from its checkpoint when an earlier attempt was interrupted
@@ -390,8 +390,7 @@ def run_in_this_process(overrides: Sequence[str], log: Path, echo: Callable[[str
     1 when the run failed (its summary.json says why, as under ``flwr run``).
     """
     from flexmoe_core.config import load_config
-
-    from .inprocess import run_inprocess
+    from server_app.inprocess import run_inprocess
 
     # load_config composes with Hydra's global state, which this (Hydra) job's
     # launcher still needs for the jobs after this one.

@@ -18,7 +18,7 @@ silently ignored) or race for the port. Instead, each job
 
 A job killed before step 4 (SIGKILL, OOM killer) would leave its run going on in the
 background — and a re-run of the sweep would race it for the same run folder. So a
-small watchdog process (``python -m server_app.local_superlink --watch``) does step 4
+small watchdog process (``python -m flexmoe_launch.local_superlink --watch``) does step 4
 the moment the job process is gone (Linux: it finds the processes in ``/proc``).
 """
 
@@ -216,7 +216,7 @@ def _start_watchdog(home: Path) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "server_app.local_superlink",
+            "flexmoe_launch.local_superlink",
             "--watch",
             str(os.getpid()),
             str(home),
@@ -284,7 +284,7 @@ def private_superlink(env: Mapping[str, str], cwd: Path) -> Iterator[LocalSuperL
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m server_app.local_superlink --watch PARENT_PID HOME`` (the watchdog)."""
+    """``python -m flexmoe_launch.local_superlink --watch PARENT_PID HOME`` (the watchdog)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--watch", nargs=2, metavar=("PARENT_PID", "HOME"), required=True)
     args = parser.parse_args(argv)

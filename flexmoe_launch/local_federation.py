@@ -11,7 +11,7 @@ the work directory. The script writes a ``[superlink.<name>]`` entry to
     flwr run . flexmoe-local --stream --run-config 'overrides="num_clients=3"'
     flexmoe-federation stop /tmp/fed
 
-(``python scripts/local_federation.py`` is the same command from a checkout.)
+(``python -m flexmoe_launch.local_federation`` is the same command from a checkout.)
 
 ``add-node`` adds a SuperNode to a running federation (``--unregistered``: with a
 key the SuperLink does not know, to see it refused). ``kill-node`` ends a SuperNode
