@@ -270,15 +270,16 @@ class FlexMoEStrategy(Strategy):
     ) -> Result:
         """Discover the clients, then run the rounds and the final evaluation.
 
-        With a checkpoint to resume from, the interrupted run's state is restored and
-        the loop continues after its last completed round. With a checkpoint path, the
-        state is saved after every round.
+        A checkpoint to resume from restores the interrupted run, which continues after
+        its last completed round; a checkpoint path saves the state after every round.
+        Flower's train_config, evaluate_config and evaluate_fn are refused, not ignored.
         """
+        if any(v is not None for v in (train_config, evaluate_config, evaluate_fn)):
+            hint = "the settings train.* and evaluate.* say how clients train and evaluate"
+            raise TypeError(f"start() takes no train_config, evaluate_config, evaluate_fn: {hint}")
         self.summary()
         self.state = RoundState(self.cfg, proto.arrays_to_numpy(initial_arrays))
-        # One BLAS thread: the server's array sums are memory-bound, and in a simulation
-        # its cores are the clients'; spinning BLAS threads made aggregation ~10x slower
-        # there (benchmarks/bench_round_cost.py). threadpoolctl comes with scikit-learn.
+        # One BLAS thread: memory-bound sums, cores shared with clients (bench_round_cost.py).
         with threadpool_limits(limits=1, user_api="blas"):
             self.membership.discover(grid)
             self.state.set_federation_size(self.roster.federation_size())
@@ -286,8 +287,7 @@ class FlexMoEStrategy(Strategy):
                 self._restore(self.resume)
             for server_round in range(self.state.completed_round + 1, num_rounds + 1):
                 messages = self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
-                replies = grid.send_and_receive(messages, timeout=timeout)
-                self.aggregate_train(server_round, replies)
+                self.aggregate_train(server_round, grid.send_and_receive(messages, timeout=timeout))
             last = self.state.completed_round
             if messages := list(self.configure_evaluate(last, ArrayRecord(), ConfigRecord(), grid)):
                 self.aggregate_evaluate(last, grid.send_and_receive(messages, timeout=timeout))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
 from client_app.app import app as client_app
 from flexmoe_core import protocol
@@ -289,3 +289,16 @@ def test_malformed_timings_are_left_out_not_fatal() -> None:
     sent = {"train_step": 1.5, "data": -1.0, "model": float("nan"), "encode": True, "x": 3.0}
     assert protocol.decode_timings(sent) == {"train_step": 1.5}
     assert protocol.decode_timings(None) == {}
+
+
+@pytest.mark.parametrize("hook", ["train_config", "evaluate_config", "evaluate_fn"])
+def test_flower_hooks_of_start_are_refused_not_ignored(tiny_overrides: str, hook: str) -> None:
+    # Even an empty ConfigRecord is refused: the run's settings alone configure the clients.
+    value = ConfigRecord() if hook.endswith("_config") else (lambda *_args: None)
+    cfg = load_config(tiny_overrides)
+    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes)
+    strategy = FlexMoEStrategy(cfg)
+    grid = InProcessGrid(client_app, nodes(2))
+    with pytest.raises(TypeError, match=rf"{hook}.*train\.\* and evaluate\.\*"):
+        strategy.start(grid, to_array_record(shared_state(model)), num_rounds=1, **{hook: value})
+    assert strategy.history == []
