@@ -66,6 +66,7 @@ from flexmoe_core.report import (
 from flexmoe_core.results import CONFIG_FILE, METRICS_FILE
 
 from .local_superlink import SuperLinkError, private_superlink
+from .processes import stop_child
 
 ROUND_LINE = re.compile(r"\[round (\d+)/(\d+)\]")
 STATE_FILE = ".flexmoe_sweep.json"  # in the sweep dir: when this run of the sweep started
@@ -329,10 +330,7 @@ def _stream(
                 echo(line)
             return process.wait()
         finally:
-            if process.poll() is None:  # interrupted: do not leave `flwr run` behind
-                process.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(timeout=10)
+            stop_child(process, grace_s=10.0)  # interrupted: do not leave `flwr run` behind
 
 
 def start_over_without_checkpoint(job_dir: Path) -> bool:

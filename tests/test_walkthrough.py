@@ -172,7 +172,7 @@ def _run_walkthrough(walk: Walkthrough) -> None:
     walk.run("device-install", timeout=1800)
     walk.run("operator-superlink")
     superlink = walk.pid("superlink.pid")
-    record = {"pid": superlink, "start_time": fed._start_time(superlink)}
+    record = {"pid": superlink, "start_time": fed.start_time(superlink)}
     record["log"] = str(home / "superlink.log")
     certs = home / "flexmoe-certs"
     fed.wait_for_superlink(walk.port, str(certs / "ca.pem"), 120, record)
