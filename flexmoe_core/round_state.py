@@ -29,6 +29,7 @@ quoting the clients' reasons, before that round changes any state.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections import Counter
@@ -50,11 +51,18 @@ from .metrics import LoadTracker, assignment_nmi, assignment_purity, churn, summ
 from .model import split_expert_key
 from .privacy import PrivacyPolicy, epsilon, private_aggregate
 from .protocol import CLIENT_PHASES
+from .records import (
+    AllocationRecord,
+    Evaluation,
+    Participation,
+    RoundRecord,
+    RunSummary,
+    Timing,
+    Traffic,
+    Training,
+    Trust,
+)
 from .results import run_status
-
-# Round-record keys that measure time: they differ between two runs of the same
-# computation, so equality checks (e.g. of a resumed run) leave them out.
-TIMING_KEYS = ("allocation_time_s", "server_time_s", "round_time_s", "client_time_s")
 
 NO_REPLY = "no reply within the round timeout"
 # Third word of the DP noise's seed ([seed, round, DP_STREAM]): a stream of its own,
@@ -166,7 +174,7 @@ class RoundOutcome:
 
     accepted: list[int]
     failures: dict[int, str]
-    finished: list[dict[str, Any]]
+    finished: list[RoundRecord]
     bounded: dict[int, str] = field(default_factory=dict)
 
 
@@ -207,8 +215,8 @@ class RoundState:
         self.privacy = PrivacyPolicy.from_config(cfg)
         self.deficit = np.zeros(self.num_experts)
         self.loads = LoadTracker(self.num_experts)
-        self.history: list[dict[str, Any]] = []  # finished records
-        self.pending: dict[str, Any] | None = None  # the last record, awaiting evaluation
+        self.history: list[RoundRecord] = []  # finished records
+        self.pending: RoundRecord | None = None  # the last record, awaiting evaluation
         self.completed_round = 0
         self.expert_bytes = [
             sum(
@@ -278,7 +286,7 @@ class RoundState:
             key: np.flatnonzero(row).tolist()
             for key, row in zip(participants, allocation.assignment, strict=True)
         }
-        evaluates = None if self.pending is None else int(self.pending["round"])
+        evaluates = None if self.pending is None else self.pending.round
         return RoundPlan(
             round=server_round,
             experts=experts,
@@ -305,17 +313,20 @@ class RoundState:
         if self.pending is None:
             return None
         record = self.pending
+        failures = record.participation.failures or {}
         experts = {
-            int(k): list(v) for k, v in record["assignment"].items() if k not in record["failures"]
+            int(k): list(v)
+            for k, v in (record.allocation.assignment or {}).items()
+            if k not in failures
         }
         experts = dict(sorted(experts.items()))
         return RoundPlan(
-            round=int(record["round"]),
+            round=record.round,
             experts=experts,
             arrays={key: self.payload(e) for key, e in experts.items()},
-            seed=int(self.cfg.seed) * 100_003 + int(record["round"]),
-            evaluates=int(record["round"]),
-            global_test=self._global_test(int(record["round"])),
+            seed=int(self.cfg.seed) * 100_003 + record.round,
+            evaluates=record.round,
+            global_test=self._global_test(record.round),
             allocation=None,
             available=len(experts),
         )
@@ -371,9 +382,9 @@ class RoundState:
             finished.append(self._complete(self.pending, evaluations))
             self.pending = None
         record = self._record(plan, results, failures, updates, accepted, routed)
-        record.update(trust)
+        record.trust = trust
         self.holding.update({r.key: plan.experts[r.key] for r in accepted})
-        record["server_time_s"] += time.perf_counter() - start
+        record.timing.server_s = (record.timing.server_s or 0.0) + time.perf_counter() - start
         every = int(self.cfg.evaluate.every)
         if evaluates_in(plan.round, every, int(self.cfg.num_rounds)):
             self.pending = record
@@ -382,8 +393,8 @@ class RoundState:
         self.history.extend(finished)
         self.completed_round = plan.round
         if self.privacy is not None:
-            record["dp_epsilon"] = self.dp_epsilon(self.records())
-        bounded = {int(k): why for k, why in trust.get("bounded", {}).items()}
+            record.trust.dp_epsilon = self.dp_epsilon(self.records())
+        bounded = {int(k): why for k, why in (trust.bounded or {}).items()}
         return RoundOutcome(
             [r.key for r in accepted], dict(sorted(failures.items())), finished, bounded
         )
@@ -404,8 +415,8 @@ class RoundState:
 
     def _aggregate(
         self, server_round: int, updates: list[ClientUpdate], declared: Mapping[int, int]
-    ) -> dict[str, Any]:
-        """Replace the global arrays by the round's aggregate; return record entries.
+    ) -> Trust:
+        """Replace the global arrays by the round's aggregate; say what limited the clients.
 
         ``bounded``: what the bounds cut, per client key (only when they cut); with
         privacy, ``dp_noise_std``: the noise std on each released group's average.
@@ -414,12 +425,12 @@ class RoundState:
             rng = np.random.default_rng([int(self.cfg.seed), server_round, DP_STREAM])
             private = private_aggregate(self.global_arrays, updates, self.privacy, rng)
             self.global_arrays = private.arrays
-            return {"dp_noise_std": {str(g): std for g, std in private.noise_std.items()}}
+            return Trust(dp_noise_std={str(g): std for g, std in private.noise_std.items()})
         result = aggregate_bounded(self.global_arrays, updates, self.policy, declared)
         self.global_arrays = result.arrays
         if not (clients := result.report.clients()):
-            return {}
-        return {"bounded": {str(c): result.report.describe(c) for c in clients}}
+            return Trust()
+        return Trust(bounded={str(c): result.report.describe(c) for c in clients})
 
     def _stop_if_stalled(self, server_round: int, failures: Mapping[int, str]) -> None:
         """Stop the run if this round ends ``max_failed_rounds`` without an accepted update.
@@ -429,36 +440,40 @@ class RoundState:
         limit = int(self.cfg.faults.get("max_failed_rounds", 0) or 0)
         streak: list[Mapping[Any, str]] = [failures]
         for record in reversed(self.records()):
-            if len(streak) >= limit or record.get("accepted", 1) > 0:
+            accepted = record.participation.accepted
+            if len(streak) >= limit or accepted is None or accepted > 0:
                 break
-            streak.append(record["failures"])
+            streak.append(record.participation.failures or {})
         if limit <= 0 or len(streak) < limit:
             return
         raise RunFailedError(stalled_message(server_round, streak))
 
-    def dp_epsilon(self, records: Sequence[Mapping[str, Any]]) -> float:
+    def dp_epsilon(self, records: Sequence[RoundRecord]) -> float:
         """Return epsilon after the training rounds of ``records`` (privacy enabled).
 
         The sampling rate q is the largest share of available clients any of those
         rounds sampled (the accountant takes one q; a larger one is conservative).
         """
         assert self.privacy is not None
-        rates = [r["participants"] / max(r["clients_available"], 1) for r in records]
+        rates = [
+            (r.participation.participants or 0) / max(r.participation.clients_available or 0, 1)
+            for r in records
+        ]
         rate = min(max(rates, default=1.0), 1.0)
         return epsilon(self.privacy.noise_multiplier, rate, len(records), self.privacy.delta)
 
-    def _close_evaluation(self, results: RoundResults) -> list[dict[str, Any]]:
+    def _close_evaluation(self, results: RoundResults) -> list[RoundRecord]:
         if self.pending is None:
             return []
         record = self.pending
-        for name, per_client in (
-            ("bytes_sent", results.bytes_sent),
-            ("bytes_received", results.bytes_received),
-        ):
-            table = record[f"{name}_per_client"]
-            for key, count in per_client.items():
-                table[str(key)] = table.get(str(key), 0) + count
-            record[name] = sum(table.values())
+        traffic = record.traffic
+        # The evaluation's bytes count towards the round whose model it evaluates.
+        traffic.sent_per_client = _add_counts(traffic.sent_per_client, results.bytes_sent)
+        traffic.sent = sum(traffic.sent_per_client.values())
+        traffic.received_per_client = _add_counts(
+            traffic.received_per_client, results.bytes_received
+        )
+        traffic.received = sum(traffic.received_per_client.values())
         evaluations = [
             r.evaluation
             for r in sorted(results.replies, key=lambda r: r.key)
@@ -471,10 +486,10 @@ class RoundState:
 
     @staticmethod
     def _complete(
-        record: dict[str, Any], evaluations: list[dict[str, tuple[int, float, float]]]
-    ) -> dict[str, Any]:
-        record.update(summarise_evaluations(evaluations))
-        record["evaluated_clients"] = len(evaluations)
+        record: RoundRecord, evaluations: list[dict[str, tuple[int, float, float]]]
+    ) -> RoundRecord:
+        scores = summarise_evaluations(evaluations)
+        record.evaluation = Evaluation(**vars(scores), clients=len(evaluations))
         return record
 
     def _record(
@@ -485,59 +500,64 @@ class RoundState:
         updates: list[ClientUpdate],
         accepted: list[ClientReply],
         routed: np.ndarray,
-    ) -> dict[str, Any]:
+    ) -> RoundRecord:
         allocation = plan.allocation
         assert allocation is not None
-        record: dict[str, Any] = {
-            "round": plan.round,
-            "strategy": self.allocator.name,
-            "clients_available": plan.available,
-            "participants": len(plan.experts),
-            "accepted": len(updates),
-            "failures": {str(k): why for k, why in sorted(failures.items())},
-        }
+        training = Training(
+            trained=summarise_evaluations(
+                [r.trained_evaluation for r in accepted if r.trained_evaluation]
+            )
+        )
         if updates:
             weights = np.array([u.num_examples for u in updates], dtype=float)
-            record["train_loss"] = float(
-                np.average([r.train_loss for r in accepted], weights=weights)
-            )
-            record["train_acc"] = float(
-                np.average([r.train_acc for r in accepted], weights=weights)
-            )
-            record["train_examples"] = int(weights.sum())
-        trained = [r.trained_evaluation for r in accepted if r.trained_evaluation]
-        record.update({f"trained_{k}": v for k, v in summarise_evaluations(trained).items()})
-        record.update(self.loads.record(allocation.assignment.sum(axis=0), routed))
-        record.update(churn(plan.experts, self.holding, self.expert_bytes))
-        if plan.benched:
-            record["benched"] = {str(k): u for k, u in sorted(plan.benched.items())}
+            training.loss = float(np.average([r.train_loss for r in accepted], weights=weights))
+            training.acc = float(np.average([r.train_acc for r in accepted], weights=weights))
+            training.examples = int(weights.sum())
+        purity = nmi = None
         if self.groups is not None:
             groups = groups_of(self.groups, list(plan.experts))
-            record["purity"] = assignment_purity(allocation.assignment, groups)
-            record["nmi"] = assignment_nmi(allocation.assignment, groups)
-        record.update(
-            {
-                "assignment": {str(k): e for k, e in plan.experts.items()},
-                "allocation_objective": allocation.objective,
-                "allocation_method": allocation.method,
-                "allocation_time_s": allocation.solve_time_s,
-                "deficit": self.deficit.tolist(),
-                "bytes_sent": sum(results.bytes_sent.values()),
-                "bytes_received": sum(results.bytes_received.values()),
-                "bytes_sent_per_client": {str(k): b for k, b in sorted(results.bytes_sent.items())},
-                "bytes_received_per_client": {
-                    str(k): b for k, b in sorted(results.bytes_received.items())
-                },
-                "server_time_s": plan.server_time_s + results.server_time_s,
-                "round_time_s": results.wall_time_s,
+            purity = assignment_purity(allocation.assignment, groups)
+            nmi = assignment_nmi(allocation.assignment, groups)
+        return RoundRecord(
+            round=plan.round,
+            strategy=self.allocator.name,
+            participation=Participation(
+                clients_available=plan.available,
+                participants=len(plan.experts),
+                accepted=len(updates),
+                failures={str(k): why for k, why in sorted(failures.items())},
+                benched={str(k): u for k, u in sorted(plan.benched.items())}
+                if plan.benched
+                else None,
+            ),
+            allocation=AllocationRecord(
+                assignment={str(k): e for k, e in plan.experts.items()},
+                objective=allocation.objective,
+                method=allocation.method,
+                deficit=self.deficit.tolist(),
+                purity=purity,
+                nmi=nmi,
+                **churn(plan.experts, self.holding, self.expert_bytes),
+            ),
+            loads=self.loads.record(allocation.assignment.sum(axis=0), routed),
+            training=training,
+            traffic=Traffic(
+                sent=sum(results.bytes_sent.values()),
+                received=sum(results.bytes_received.values()),
+                sent_per_client={str(k): b for k, b in sorted(results.bytes_sent.items())},
+                received_per_client={str(k): b for k, b in sorted(results.bytes_received.items())},
+            ),
+            timing=Timing(
+                allocation_s=allocation.solve_time_s,
+                server_s=plan.server_time_s + results.server_time_s,
+                round_s=results.wall_time_s,
                 # Summed over the accepted clients: where their time went, per phase.
-                "client_time_s": {
+                client_phases_s={
                     phase: sum(r.timings.get(phase, 0.0) for r in accepted)
                     for phase in CLIENT_PHASES
                 },
-            }
+            ),
         )
-        return record
 
     # ------------------------------------------------------------- checkpoint
     def checkpoint(self, capacities: Mapping[int, int]) -> ServerCheckpoint:
@@ -551,7 +571,7 @@ class RoundState:
             deficit=self.deficit.copy(),
             loads=self.loads.state(),
             history=list(self.history),
-            pending=None if self.pending is None else dict(self.pending),
+            pending=copy.deepcopy(self.pending),
             capacities=dict(capacities),
             config=to_container(self.cfg),
             memory={
@@ -566,8 +586,8 @@ class RoundState:
         self.global_arrays = {k: v.copy() for k, v in checkpoint.global_arrays.items()}
         self.deficit = np.asarray(checkpoint.deficit, dtype=float).copy()
         self.loads.load_state(checkpoint.loads)
-        self.history = [dict(r) for r in checkpoint.history]
-        self.pending = None if checkpoint.pending is None else dict(checkpoint.pending)
+        self.history = list(checkpoint.history)
+        self.pending = copy.deepcopy(checkpoint.pending)
         keys = sorted(checkpoint.fitness)
         memory = checkpoint.memory
         self.fitness.load_state(
@@ -584,7 +604,7 @@ class RoundState:
         self.completed_round = int(checkpoint.round)
 
     # ---------------------------------------------------------------- summary
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[RoundRecord]:
         """Return every record so far, the one awaiting its evaluation last."""
         return self.history + ([self.pending] if self.pending is not None else [])
 
@@ -595,8 +615,6 @@ class RoundState:
         script reads it to tell a failed run (``flwr run`` exits 0 either way).
         """
         records = self.records()
-        last = records[-1] if records else {}
-        evaluated = [r for r in records if "local_acc" in r]
         privacy = {}
         if self.privacy is not None:
             privacy = {
@@ -611,20 +629,19 @@ class RoundState:
             "strategy": self.allocator.name,
             "rounds": len(records),
             "clients": len(capacities),
-            "final_local_acc": evaluated[-1]["local_acc"] if evaluated else None,
-            "best_local_acc": max((r["local_acc"] for r in evaluated), default=None),
-            "final_global_acc": next(
-                (r["global_acc"] for r in reversed(records) if "global_acc" in r), None
-            ),
-            "mean_load_clients_cv": float(np.mean([r["load_clients_cv"] for r in records]))
-            if records
-            else None,
-            "cum_load_clients_cv": last.get("cum_load_clients_cv"),
-            "cum_load_samples_cv": last.get("cum_load_samples_cv"),
+            **RunSummary.from_records(records).to_json(),
             "capacities": {str(k): c for k, c in sorted(capacities.items())},
             "fitness": self.fitness.state(),
             "cumulative_loads": self.loads.state(),
         }
+
+
+def _add_counts(table: Mapping[str, int] | None, counts: Mapping[int, int]) -> dict[str, int]:
+    """Return ``table`` (by client key as text) with ``counts`` added."""
+    total = dict(table or {})
+    for key, count in counts.items():
+        total[str(key)] = total.get(str(key), 0) + count
+    return total
 
 
 def _rows_by_key(rows: Mapping[str, Any] | None, keys: Sequence[int]) -> list[Any] | None:
@@ -658,26 +675,4 @@ def stalled_message(server_round: int, streak: Sequence[Mapping[Any, str]]) -> s
         f"{server_round}; faults.max_failed_rounds={len(streak)}): the run stops. The "
         "clients' reasons: " + "; ".join(quoted) + f". Fix the cause and start again (the "
         f"checkpoint, if enabled, holds the state after round {server_round - 1})."
-    )
-
-
-def headline(record: Mapping[str, Any], num_rounds: int) -> str:
-    """Return the one-line summary of a finished round record, for the server log."""
-
-    def accuracy(name: str) -> str:
-        return f"{record[name]:.4f}" if name in record else "n/a"
-
-    structure = f" | purity {record['purity']:.2f}" if "purity" in record else ""
-    # Clients left out by the backoff rule (flexmoe_core.backoff), if any.
-    benched = record.get("benched") or {}
-    left_out = f" | left out: {', '.join(f'client {k}' for k in benched)}" if benched else ""
-    return (
-        f"[round {record['round']}/{num_rounds}] local acc {accuracy('local_acc')} "
-        f"(trained {accuracy('trained_local_acc')}) | global acc {accuracy('global_acc')} | "
-        f"train loss {record.get('train_loss', float('nan')):.3f} | expert load "
-        f"{record['load_clients']} (CV {record['load_clients_cv']:.3f}, cumulative CV "
-        f"{record['cum_load_clients_cv']:.3f}) | samples CV {record['load_samples_cv']:.3f} | "
-        f"churn {record.get('churn', 0.0):.2f}{structure} | "
-        f"alloc {1000 * record['allocation_time_s']:.1f} ms | {record['round_time_s']:.1f} s"
-        f"{left_out}"
     )
