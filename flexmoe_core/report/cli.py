@@ -181,4 +181,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     if (out / "trials.md").is_file():
         print((out / "trials.md").read_text(encoding="utf-8"))
     print(f"Tables and plots written to {out.resolve()}")
-
