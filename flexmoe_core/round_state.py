@@ -30,152 +30,58 @@ quoting the clients' reasons, before that round changes any state.
 from __future__ import annotations
 
 import copy
-import math
 import time
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
 
 from .aggregation import AggregationPolicy, ClientUpdate, aggregate_bounded, check_update
-from .allocation import Allocation, make_allocator, oracle_fitness, update_deficit
+from .allocation import make_allocator, oracle_fitness, update_deficit
 from .backoff import BackoffPolicy, benched, leave_out
 from .checkpoint import ServerCheckpoint
 from .config import to_container
 from .data.groups import ClientGroups, groups_of
-from .fitness import ExpertFeedback, FitnessTable, relative_signals
-from .metrics import LoadTracker, assignment_nmi, assignment_purity, churn, summarise_evaluations
+from .fitness import FitnessTable, relative_signals
+from .metrics import LoadTracker, assignment_nmi, assignment_purity, churn
 from .model import split_expert_key
 from .privacy import PrivacyPolicy, epsilon, private_aggregate
-from .protocol import CLIENT_PHASES
 from .records import (
     AllocationRecord,
-    Evaluation,
-    Participation,
     RoundRecord,
     RunSummary,
-    Timing,
-    Traffic,
-    Training,
     Trust,
 )
 from .results import run_status
+from .round_io import (
+    NO_REPLY,
+    ClientReply,
+    RoundOutcome,
+    RoundPlan,
+    RoundResults,
+    RunFailedError,
+    add_evaluation_traffic,
+    complete_record,
+    evaluates_in,
+    round_record,
+    stalled_message,
+)
 
-NO_REPLY = "no reply within the round timeout"
+__all__ = [
+    "NO_REPLY",
+    "ClientReply",
+    "RoundOutcome",
+    "RoundPlan",
+    "RoundResults",
+    "RoundState",
+    "RunFailedError",
+    "evaluates_in",
+]
+
 # Third word of the DP noise's seed ([seed, round, DP_STREAM]): a stream of its own,
 # apart from the sampling's ([seed, round]).
 DP_STREAM = 0xD1FF
-# Distinct failure reasons quoted when a run stops for lack of accepted updates.
-QUOTED_REASONS = 5
-
-
-class RunFailedError(RuntimeError):
-    """The run cannot make progress (e.g. no client's update accepted for N rounds)."""
-
-
-def evaluates_in(server_round: int, every: int, num_rounds: int) -> bool:
-    """Whether a schedule of ``every`` rounds covers ``server_round`` (the last always)."""
-    return every > 0 and (server_round % every == 0 or server_round == num_rounds)
-
-
-@dataclass
-class RoundPlan:
-    """What the server sends in one round (or in the evaluation after the last one).
-
-    Attributes
-    ----------
-    round : int
-        The round the messages belong to.
-    experts : dict of int to list of int
-        Each participant's experts, by client key, in key order.
-    arrays : dict of int to dict
-        Each participant's payload: the backbone and its experts (views of the
-        global arrays; not to be modified).
-    seed : int
-        The round's training seed (each client adds its own offset).
-    evaluates : int or None
-        The round whose aggregated model the participants evaluate (before training,
-        or alone after the last round); None: no evaluation.
-    global_test : bool
-        Whether that evaluation includes the dataset's global test split.
-    allocation : Allocation or None
-        The round's allocation; None for the evaluation after the last round.
-    available : int
-        How many clients could be sampled.
-    server_time_s : float
-        Time spent planning.
-    """
-
-    round: int
-    experts: dict[int, list[int]]
-    arrays: dict[int, dict[str, np.ndarray]]
-    seed: int
-    evaluates: int | None
-    global_test: bool
-    allocation: Allocation | None
-    available: int
-    server_time_s: float = 0.0
-    # Clients left out by the backoff rule (flexmoe_core.backoff): key -> last round out.
-    benched: dict[int, int] = field(default_factory=dict)
-    # Whether replies must carry the received experts' held-out feedback (fitness.source).
-    heldout_feedback: bool = False
-
-    @property
-    def trains(self) -> bool:
-        """Whether the participants train (False: evaluation only)."""
-        return self.allocation is not None
-
-
-@dataclass
-class ClientReply:
-    """One client's answer, decoded by the adapter.
-
-    ``evaluation`` maps a split (``local``, ``global``) to (examples, loss, accuracy)
-    of the model the client received, measured before it trained;
-    ``trained_evaluation`` the same of the model it has just trained (local split).
-    ``heldout`` is the per-expert feedback of the received experts on the local
-    held-out split (``fitness.source=heldout``).
-    """
-
-    key: int
-    update: ClientUpdate | None = None
-    train_loss: float = math.nan
-    train_acc: float = math.nan
-    evaluation: dict[str, tuple[int, float, float]] | None = None
-    heldout: dict[int, ExpertFeedback] | None = None
-    trained_evaluation: dict[str, tuple[int, float, float]] | None = None
-    timings: dict[str, float] = field(default_factory=dict)  # protocol.CLIENT_PHASES, s
-
-
-@dataclass
-class RoundResults:
-    """What came back in one round, by client key."""
-
-    replies: list[ClientReply] = field(default_factory=list)
-    failures: dict[int, str] = field(default_factory=dict)
-    bytes_sent: dict[int, int] = field(default_factory=dict)
-    bytes_received: dict[int, int] = field(default_factory=dict)
-    wall_time_s: float = 0.0
-    server_time_s: float = 0.0  # the adapter's own share (encoding, decoding)
-    # Training examples the participants declared when they joined (the roster's):
-    # the most their example counts may weigh in the aggregation.
-    declared_examples: dict[int, int] = field(default_factory=dict)
-
-
-@dataclass
-class RoundOutcome:
-    """The closed round: who was accepted, who failed and why, finished records.
-
-    ``bounded`` says, per accepted client, what the aggregation's bounds cut.
-    """
-
-    accepted: list[int]
-    failures: dict[int, str]
-    finished: list[RoundRecord]
-    bounded: dict[int, str] = field(default_factory=dict)
 
 
 class RoundState:
@@ -379,9 +285,9 @@ class RoundState:
         finished = []
         if self.pending is not None:
             evaluations = [r.evaluation for r in accepted if r.evaluation]
-            finished.append(self._complete(self.pending, evaluations))
+            finished.append(complete_record(self.pending, evaluations))
             self.pending = None
-        record = self._record(plan, results, failures, updates, accepted, routed)
+        record = self._record(plan, results, failures, accepted, routed)
         record.trust = trust
         self.holding.update({r.key: plan.experts[r.key] for r in accepted})
         record.timing.server_s = (record.timing.server_s or 0.0) + time.perf_counter() - start
@@ -466,70 +372,39 @@ class RoundState:
         if self.pending is None:
             return []
         record = self.pending
-        traffic = record.traffic
-        # The evaluation's bytes count towards the round whose model it evaluates.
-        traffic.sent_per_client = _add_counts(traffic.sent_per_client, results.bytes_sent)
-        traffic.sent = sum(traffic.sent_per_client.values())
-        traffic.received_per_client = _add_counts(
-            traffic.received_per_client, results.bytes_received
-        )
-        traffic.received = sum(traffic.received_per_client.values())
+        add_evaluation_traffic(record, results)
         evaluations = [
             r.evaluation
             for r in sorted(results.replies, key=lambda r: r.key)
             if r.evaluation and r.key not in results.failures
         ]
         self.pending = None
-        finished = [self._complete(record, evaluations)]
+        finished = [complete_record(record, evaluations)]
         self.history.extend(finished)
         return finished
-
-    @staticmethod
-    def _complete(
-        record: RoundRecord, evaluations: list[dict[str, tuple[int, float, float]]]
-    ) -> RoundRecord:
-        scores = summarise_evaluations(evaluations)
-        record.evaluation = Evaluation(**vars(scores), clients=len(evaluations))
-        return record
 
     def _record(
         self,
         plan: RoundPlan,
         results: RoundResults,
         failures: Mapping[int, str],
-        updates: list[ClientUpdate],
         accepted: list[ClientReply],
         routed: np.ndarray,
     ) -> RoundRecord:
+        """Make the round's record: the state's figures here, the replies' in round_io."""
         allocation = plan.allocation
         assert allocation is not None
-        training = Training(
-            trained=summarise_evaluations(
-                [r.trained_evaluation for r in accepted if r.trained_evaluation]
-            )
-        )
-        if updates:
-            weights = np.array([u.num_examples for u in updates], dtype=float)
-            training.loss = float(np.average([r.train_loss for r in accepted], weights=weights))
-            training.acc = float(np.average([r.train_acc for r in accepted], weights=weights))
-            training.examples = int(weights.sum())
         purity = nmi = None
         if self.groups is not None:
             groups = groups_of(self.groups, list(plan.experts))
             purity = assignment_purity(allocation.assignment, groups)
             nmi = assignment_nmi(allocation.assignment, groups)
-        return RoundRecord(
-            round=plan.round,
+        return round_record(
+            plan,
+            results,
+            failures,
+            accepted,
             strategy=self.allocator.name,
-            participation=Participation(
-                clients_available=plan.available,
-                participants=len(plan.experts),
-                accepted=len(updates),
-                failures={str(k): why for k, why in sorted(failures.items())},
-                benched={str(k): u for k, u in sorted(plan.benched.items())}
-                if plan.benched
-                else None,
-            ),
             allocation=AllocationRecord(
                 assignment={str(k): e for k, e in plan.experts.items()},
                 objective=allocation.objective,
@@ -540,23 +415,6 @@ class RoundState:
                 **churn(plan.experts, self.holding, self.expert_bytes),
             ),
             loads=self.loads.record(allocation.assignment.sum(axis=0), routed),
-            training=training,
-            traffic=Traffic(
-                sent=sum(results.bytes_sent.values()),
-                received=sum(results.bytes_received.values()),
-                sent_per_client={str(k): b for k, b in sorted(results.bytes_sent.items())},
-                received_per_client={str(k): b for k, b in sorted(results.bytes_received.items())},
-            ),
-            timing=Timing(
-                allocation_s=allocation.solve_time_s,
-                server_s=plan.server_time_s + results.server_time_s,
-                round_s=results.wall_time_s,
-                # Summed over the accepted clients: where their time went, per phase.
-                client_phases_s={
-                    phase: sum(r.timings.get(phase, 0.0) for r in accepted)
-                    for phase in CLIENT_PHASES
-                },
-            ),
         )
 
     # ------------------------------------------------------------- checkpoint
@@ -636,43 +494,8 @@ class RoundState:
         }
 
 
-def _add_counts(table: Mapping[str, int] | None, counts: Mapping[int, int]) -> dict[str, int]:
-    """Return ``table`` (by client key as text) with ``counts`` added."""
-    total = dict(table or {})
-    for key, count in counts.items():
-        total[str(key)] = total.get(str(key), 0) + count
-    return total
-
-
 def _rows_by_key(rows: Mapping[str, Any] | None, keys: Sequence[int]) -> list[Any] | None:
     """Return ``rows`` (by client key as text) in the order of ``keys``; None if absent."""
     if rows is None or any(str(k) not in rows for k in keys):
         return None
     return [rows[str(k)] for k in keys]
-
-
-def stalled_message(server_round: int, streak: Sequence[Mapping[Any, str]]) -> str:
-    """Say that no update was accepted in the rounds of ``streak`` (newest first), and why.
-
-    The distinct reasons are quoted most frequent first, with the clients that gave them.
-    """
-    reasons: Counter[str] = Counter()
-    clients: dict[str, set[int]] = {}
-    for failures in streak:
-        for key, why in failures.items():
-            reasons[why] += 1
-            clients.setdefault(why, set()).add(int(key))
-    quoted = []
-    for why, times in reasons.most_common(QUOTED_REASONS):
-        keys = sorted(clients[why])
-        shown = ", ".join(map(str, keys[:5])) + (", ..." if len(keys) > 5 else "")
-        quoted.append(f"{why!r} ({times} replies; clients {shown})")
-    if len(reasons) > QUOTED_REASONS:
-        quoted.append(f"and {len(reasons) - QUOTED_REASONS} other reasons")
-    first = server_round - len(streak) + 1
-    return (
-        f"no client update was accepted in {len(streak)} consecutive rounds ({first} to "
-        f"{server_round}; faults.max_failed_rounds={len(streak)}): the run stops. The "
-        "clients' reasons: " + "; ".join(quoted) + f". Fix the cause and start again (the "
-        f"checkpoint, if enabled, holds the state after round {server_round - 1})."
-    )

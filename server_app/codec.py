@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import Result
 from flexmoe_core import protocol as proto
 from flexmoe_core.aggregation import ClientUpdate
 from flexmoe_core.records import RoundRecord
-from flexmoe_core.round_state import ClientReply, RoundPlan
+from flexmoe_core.round_io import ClientReply, RoundPlan
 
 # Flower's error code of the replies the SuperLink makes for a message whose node
 # stopped sending heartbeats (flwr.common.constant.ErrorCode.NODE_UNAVAILABLE).
