@@ -375,6 +375,30 @@ class RunSummary:
         """Return the figures for ``summary.json`` (null: not measured; JSON has no NaN)."""
         return {k: None if math.isnan(v) else v for k, v in self.columns().items()}
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunSummary:
+        """Read the figures of a ``summary.json`` (other entries are ignored).
+
+        A summary written before the figures had one name each has three under
+        other names (:data:`EARLIER_NAMES`); they are read as their columns.
+        """
+        named = {EARLIER_NAMES.get(k, k): v for k, v in data.items()}
+        return cls(
+            **{
+                f.name: math.nan if named.get(f.name) is None else float(named[f.name])
+                for f in fields(cls)
+                if f.name in named
+            }
+        )
+
+
+# summary.json's earlier names of three columns.
+EARLIER_NAMES = {
+    "mean_load_clients_cv": "load_cv",
+    "cum_load_clients_cv": "cum_load_cv",
+    "cum_load_samples_cv": "cum_samples_cv",
+}
+
 
 # (column, what it means) of the report's table, in order
 COLUMNS: list[tuple[str, str]] = [(f.name, f.metadata["meaning"]) for f in fields(RunSummary)]
