@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .records import RoundRecord
 from .results import atomic_write_bytes
 
 CHECKPOINT_FILE = "checkpoint.npz"
@@ -68,9 +69,9 @@ class ServerCheckpoint:
         Historical load deficit H per expert.
     loads : dict
         Cumulative loads (:meth:`flexmoe_core.metrics.LoadTracker.state`).
-    history : list of dict
+    history : list of RoundRecord
         The finished per-round records (those in ``metrics.jsonl``).
-    pending : dict or None
+    pending : RoundRecord or None
         The last round's record while it waits for its evaluation.
     capacities : dict of int to int
         Capacity per client key, as last reported.
@@ -86,8 +87,8 @@ class ServerCheckpoint:
     fitness: dict[int, np.ndarray]
     deficit: np.ndarray
     loads: dict[str, list[float]]
-    history: list[dict[str, Any]] = field(default_factory=list)
-    pending: dict[str, Any] | None = None
+    history: list[RoundRecord] = field(default_factory=list)
+    pending: RoundRecord | None = None
     capacities: dict[int, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
@@ -116,8 +117,9 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: ServerCheckpoint) 
         "round": int(checkpoint.round),
         "fitness_keys": [int(k) for k in keys],
         "loads": checkpoint.loads,
-        "history": checkpoint.history,
-        "pending": checkpoint.pending,
+        # Stored as in metrics.jsonl.
+        "history": [record.to_json() for record in checkpoint.history],
+        "pending": None if checkpoint.pending is None else checkpoint.pending.to_json(),
         "capacities": {str(k): int(v) for k, v in checkpoint.capacities.items()},
         "config": checkpoint.config,
         "memory": checkpoint.memory,
@@ -132,7 +134,7 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: ServerCheckpoint) 
 
 
 def _json_default(value: Any) -> Any:
-    # History records may hold NumPy scalars or arrays (e.g. from metric helpers).
+    # The loads and memory may hold NumPy scalars or arrays.
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
@@ -186,8 +188,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> ServerCheckpoint:
         fitness={k: fitness[i].copy() for i, k in enumerate(keys)},
         deficit=deficit,
         loads=meta["loads"],
-        history=meta["history"],
-        pending=meta.get("pending"),
+        history=[RoundRecord.from_json(record) for record in meta["history"]],
+        pending=None if meta.get("pending") is None else RoundRecord.from_json(meta["pending"]),
         capacities={int(k): int(v) for k, v in meta["capacities"].items()},
         config=meta["config"],
         memory=meta.get("memory", {}),

@@ -24,16 +24,10 @@ from threadpoolctl import threadpool_limits
 from flexmoe_core import protocol as proto
 from flexmoe_core.checkpoint import ServerCheckpoint, save_checkpoint
 from flexmoe_core.config import to_container
+from flexmoe_core.records import TIMING_KEYS, RoundRecord, headline
 from flexmoe_core.results import RunRecorder, run_status
 from flexmoe_core.roster import Roster
-from flexmoe_core.round_state import (
-    TIMING_KEYS,
-    RoundOutcome,
-    RoundPlan,
-    RoundResults,
-    RoundState,
-    headline,
-)
+from flexmoe_core.round_state import RoundOutcome, RoundPlan, RoundResults, RoundState
 
 from .codec import (
     NODE_UNAVAILABLE,
@@ -114,7 +108,7 @@ class FlexMoEStrategy(Strategy):
         return self.state.global_arrays
 
     @property
-    def history(self) -> list[dict[str, Any]]:
+    def history(self) -> list[RoundRecord]:
         """Every round record so far (the last may still wait for its evaluation)."""
         return [] if self.state is None else self.state.records()
 
@@ -194,7 +188,7 @@ class FlexMoEStrategy(Strategy):
         self._log(server_round, outcome)
         self._save(outcome.finished)
         record = self.state.pending or self.state.history[-1]
-        train = {k: record[k] for k in ("train_loss", "train_acc", "train_examples") if k in record}
+        train = record.train_scores()
         return None, MetricRecord(train) if train else None
 
     def configure_evaluate(
@@ -215,8 +209,7 @@ class FlexMoEStrategy(Strategy):
         outcome = self.state.close(self.plan, self._results)
         self._log(server_round, outcome)
         self._save(outcome.finished)
-        record = self.state.history[-1] if self.state.history else {}
-        scores = {k: v for k, v in record.items() if k.startswith(("local_", "global_"))}
+        scores = self.state.history[-1].evaluation_scores() if self.state.history else {}
         return MetricRecord(scores) if scores else None
 
     def _log(self, server_round: int, outcome: RoundOutcome) -> None:
@@ -236,7 +229,7 @@ class FlexMoEStrategy(Strategy):
         for level, key, text in notes:
             log(level, "Round %d: %s%s", server_round, self.membership.name(key), text)
 
-    def _save(self, finished: list[dict[str, Any]]) -> None:
+    def _save(self, finished: list[RoundRecord]) -> None:
         # The checkpoint is written before the records: a run killed in between is
         # resumed from this round, and the resume rewrites metrics.jsonl from the
         # checkpoint's records, so no line is lost or doubled.

@@ -61,7 +61,7 @@ def test_nodes_with_bad_settings_are_left_out_and_the_run_goes_on(caplog, tmp_pa
     caplog.set_level("WARNING")
     strategy = run_strategy(fast_config(num_clients=5, num_rounds=1), make_grid(5, configs=configs))
     assert strategy.roster.capacities() == {0: 2, 2: 3}
-    assert sorted(strategy.history[0]["assignment"]) == ["0", "2"]
+    assert sorted(strategy.history[0].allocation.assignment) == ["0", "2"]
     warnings = [r.getMessage() for r in caplog.records if "left out of this run" in r.getMessage()]
     assert len(warnings) == 2
     assert any("Node 1001" in w and "capacity=K" in w and "partition-id=1" in w for w in warnings)
@@ -127,10 +127,14 @@ def test_nodes_with_own_data_join_partition_nodes(tmp_path, monkeypatch) -> None
         make_grid(3, configs=configs),
     )
     record = strategy.history[0]
-    assert record["accepted"] == 3 and record["failures"] == {}
-    assert {k: len(v) for k, v in record["assignment"].items()} == {"2": 2, "10": 3, "11": 3}
+    assert record.participation.accepted == 3 and record.participation.failures == {}
+    assert {k: len(v) for k, v in record.allocation.assignment.items()} == {
+        "2": 2,
+        "10": 3,
+        "11": 3,
+    }
     # Only the partition node has a global test split.
-    assert "global_acc" in record and "local_acc" in record
+    assert record.evaluation.global_acc is not None and record.evaluation.local_acc is not None
 
 
 # ------------------------------------------------------------ real federations
