@@ -122,9 +122,10 @@ def run(args: argparse.Namespace, out: Path) -> None:
     strategy.start(grid, to_array_record(initial), num_rounds=args.rounds, timeout=600)
     total = time.perf_counter() - began
     rounds_s = sum(row["wall"] for row in rows)
+    participants = len(strategy.history[0].allocation.assignment or {})
     print(
         f"## {args.clients} registered clients, {args.fraction:.0%} sampled per round "
-        f"({len(strategy.history[0]['assignment'])} participants), {args.rounds} rounds, "
+        f"({participants} participants), {args.rounds} rounds, "
         f"workload {args.workload}, model {model_bytes / 1e6:.2f} MB"
     )
     print(
@@ -162,7 +163,9 @@ def memory(strategy, model_bytes: int, out: Path) -> None:
         f"fitness table ({len(fitness['client_ids'])} clients)": 8
         * len(fitness["client_ids"])
         * state.num_experts,
-        f"records ({len(state.records())} rounds, JSON)": len(json.dumps(state.records())),
+        f"records ({len(state.records())} rounds, JSON)": len(
+            json.dumps([r.to_json() for r in state.records()])
+        ),
         "checkpoint file": (out / "checkpoint.npz").stat().st_size,
     }
     print("\n## server memory")

@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server_app.local_superlink import private_superlink  # noqa: E402
+from flexmoe_launch.local_superlink import private_superlink  # noqa: E402
 
 GOAL_EFFICIENCY = 0.8
 # Columns of the table: (header, phases of client_time_s summed into it).

@@ -103,8 +103,9 @@ def main() -> None:
     print(
         f"overrides: {args.overrides or '(default run)'}; {cfg.num_rounds} rounds in {wall:.0f} s"
     )
-    last = strategy.history[-1] if strategy.history else {}
-    print(f"final local acc {last.get('local_acc')}, global acc {last.get('global_acc')}")
+    last = strategy.history[-1].evaluation if strategy.history else None
+    local, global_ = (None, None) if last is None else (last.local_acc, last.global_acc)
+    print(f"final local acc {local}, global acc {global_}")
     for group in ("backbone", "expert"):
         rows = [r for r in records if r["group"] == group]
         rms = np.array([r["rms"] for r in rows])

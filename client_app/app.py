@@ -5,9 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, MutableMapping
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,14 +23,6 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 
 from flexmoe_core import protocol as proto
-from flexmoe_core.checkpoint import (
-    HELD_EXPERTS,
-    gate_dir,
-    load_gate,
-    pick_gate_version,
-    save_gate,
-    stale_gate_versions,
-)
 from flexmoe_core.data import (
     ClientData,
     build_augment,
@@ -40,6 +31,7 @@ from flexmoe_core.data import (
 )
 from flexmoe_core.data.local_node import load_node_data
 from flexmoe_core.faults import InjectedCrashError, draw_fault
+from flexmoe_core.gate_store import GateStore, StoredGate
 from flexmoe_core.model import (
     MoEClassifier,
     build_model,
@@ -93,59 +85,56 @@ def client_data(cfg: DictConfig, context: Context) -> ClientData:
 
 # --------------------------------------------------------------- private gate
 # Each trained gate is kept as a version tagged with its round (see
-# flexmoe_core.checkpoint): in context.state, and on disk when the node config sets
+# flexmoe_core.gate_store): in context.state, and on disk when the node config sets
 # ``state-dir`` or the run sets ``checkpoint.client_dir``, so that a resumed run
 # starts every round from the same gate as an uninterrupted one.
 _GATE_VERSION = f"{proto.GATE}@"
 
 
-def _state_versions(context: Context) -> dict[int, str]:
-    return {
-        int(key[len(_GATE_VERSION) :]): key
-        for key in list(context.state.keys())
-        if key.startswith(_GATE_VERSION)
-    }
+class ContextGates(MutableMapping[int, Mapping[str, np.ndarray]]):
+    """The gate versions in the node's Flower context, by round: the store's memory.
 
-
-def gate_store(cfg: DictConfig, context: Context) -> Path | None:
-    """Return the node-local folder of this run's gate versions, if one is configured."""
-    root = context.node_config.get("state-dir") or cfg.get("checkpoint", {}).get("client_dir")
-    if not root or not cfg.get("run_name"):
-        return None
-    return gate_dir(str(root), str(cfg.run_name), node(context).client_key())
-
-
-def load_gate_version(
-    cfg: DictConfig, context: Context, latest_round: int
-) -> dict[str, np.ndarray] | None:
-    """Return the newest gate trained in a round ``<= latest_round``, or None."""
-    in_state = _state_versions(context)
-    chosen = pick_gate_version(in_state, latest_round)
-    store = gate_store(cfg, context)
-    on_disk = load_gate(store, latest_round) if store is not None else None
-    if on_disk is not None and (chosen is None or on_disk[0] > chosen):
-        return on_disk[1]
-    if chosen is None:
-        return None
-    return proto.arrays_to_numpy(context.state[in_state[chosen]])
-
-
-def save_gate_version(
-    cfg: DictConfig, context: Context, server_round: int, gate: dict[str, np.ndarray]
-) -> None:
-    """Keep the gate trained in ``server_round`` (context, and disk if configured).
-
-    ``context.state[proto.GATE]`` also holds the newest gate, for inspection; what
-    training and evaluation load are the versions.
+    Storing a version also sets ``context.state[proto.GATE]`` to it: the newest gate,
+    for inspection; what training and evaluation load are the versions.
     """
-    for key in (f"{_GATE_VERSION}{server_round}", proto.GATE):
-        # Separate records: Flower serialises each entry of the state on its own.
-        context.state[key] = ArrayRecord(array_dict={k: Array(v) for k, v in gate.items()})
-    versions = _state_versions(context)
-    for old in stale_gate_versions(versions):
-        del context.state[versions[old]]
-    if (store := gate_store(cfg, context)) is not None:
-        save_gate(store, server_round, gate)
+
+    def __init__(self, context: Context) -> None:
+        self.state = context.state
+
+    def _keys(self) -> dict[int, str]:
+        return {
+            int(key[len(_GATE_VERSION) :]): key
+            for key in list(self.state.keys())
+            if key.startswith(_GATE_VERSION)
+        }
+
+    def __getitem__(self, server_round: int) -> dict[str, np.ndarray]:
+        return proto.arrays_to_numpy(self.state[self._keys()[server_round]])
+
+    def __setitem__(self, server_round: int, gate: Mapping[str, np.ndarray]) -> None:
+        for key in (f"{_GATE_VERSION}{server_round}", proto.GATE):
+            # Separate records: Flower serialises each entry of the state on its own.
+            self.state[key] = ArrayRecord(array_dict={k: Array(v) for k, v in gate.items()})
+
+    def __delitem__(self, server_round: int) -> None:
+        del self.state[self._keys()[server_round]]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+
+def gate_store(cfg: DictConfig, context: Context) -> GateStore:
+    """Return this client's gate versions: in its context, and on disk if configured."""
+    directory = GateStore.directory_for(context.node_config, cfg, node(context).client_key())
+    return GateStore(ContextGates(context), directory)
+
+
+def load_gate_version(cfg: DictConfig, context: Context, latest_round: int) -> StoredGate | None:
+    """Return the newest gate trained in a round ``<= latest_round``, or None."""
+    return gate_store(cfg, context).load(latest_round)
 
 
 class PhaseClock:
@@ -196,10 +185,10 @@ def personal_model(
     with clock.phase("decode"):
         load_arrays(model, proto.arrays_to_numpy(msg.content[proto.ARRAYS]))
         if (gate := load_gate_version(cfg, context, gate_round)) is not None:
-            held = gate.pop(HELD_EXPERTS, None)
-            load_arrays(model, gate)
-            if held is not None and str(cfg.train.get("new_expert_gate", "keep")) == "inherit":
-                inherit_gate_rows(model, held.tolist())
+            load_arrays(model, gate.arrays)
+            inherit = str(cfg.train.get("new_expert_gate", "keep")) == "inherit"
+            if gate.held_experts is not None and inherit:
+                inherit_gate_rows(model, gate.held_experts.tolist())
     return model
 
 
@@ -309,8 +298,7 @@ def train(msg: Message, context: Context) -> Message:
     with clock.phase("evaluate"):
         trained = evaluate(model, local_x, local_y, device=device)
     with clock.phase("encode"):
-        gate = {**gate_state(model), HELD_EXPERTS: np.array(model.expert_ids, dtype=np.int64)}
-        save_gate_version(cfg, context, server_round, gate)
+        gate_store(cfg, context).save(server_round, gate_state(model), model.expert_ids)
         metrics = MetricRecord(
             {
                 proto.NUM_EXAMPLES: result.num_examples,

@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .records import RoundRecord
+
 
 @dataclass(frozen=True)
 class BackoffPolicy:
@@ -43,7 +45,7 @@ class BackoffPolicy:
 
 
 def benched(
-    records: Iterable[Mapping[str, Any]], server_round: int, policy: BackoffPolicy
+    records: Iterable[RoundRecord], server_round: int, policy: BackoffPolicy
 ) -> dict[int, int]:
     """Return the clients left out of ``server_round``: client key -> last round left out.
 
@@ -54,12 +56,12 @@ def benched(
     streak: dict[int, int] = {}  # consecutive failed rounds
     pauses: dict[int, int] = {}  # pauses since the last accepted update
     until: dict[int, int] = {}
-    for record in sorted(records, key=lambda r: int(r["round"])):
-        r = int(record["round"])
-        if r >= server_round or "assignment" not in record:
+    for record in sorted(records, key=lambda r: r.round):
+        r, assignment = record.round, record.allocation.assignment
+        if r >= server_round or assignment is None:
             continue
-        failures = record.get("failures", {})
-        for key in map(int, record["assignment"]):
+        failures = record.participation.failures or {}
+        for key in map(int, assignment):
             if str(key) not in failures:
                 streak[key] = pauses[key] = 0
                 continue

@@ -1,4 +1,4 @@
-"""Checkpoints: the server's state after a round, and the versions of a client's gate.
+"""Checkpoints: the server's state after a round.
 
 The server writes one file, ``<run_dir>/checkpoint.npz``, atomically after every round:
 the global arrays, the fitness table, the deficits, the cumulative loads, the finished
@@ -8,14 +8,7 @@ configuration. Everything that is per client is keyed by the client's stable key
 (partition id or ``client-id``), never by Flower node id: node ids change when a
 federation restarts, client keys do not.
 
-A client keeps each gate it trains as a *version* tagged with the round it was
-trained in. Training in round t starts from the newest version older than t, and so
-does the evaluation that precedes it in the same message (it measures round t-1's
-model); the evaluation after the last round T uses the newest version up to T. A
-client that already trained
-round t before the server was killed therefore starts the resumed round t from the
-same gate as an uninterrupted run would. Versions live in the client's context and,
-when a directory is configured, on disk, which survives a restart of the federation.
+A client's gate versions are kept by :mod:`flexmoe_core.gate_store`.
 """
 
 from __future__ import annotations
@@ -23,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,15 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from .records import RoundRecord
 from .results import atomic_write_bytes
 
 CHECKPOINT_FILE = "checkpoint.npz"
 # 2: pending record (evaluation folded into the next round's message); experts as
 # sub-networks. Older formats are refused (see load_checkpoint).
 FORMAT_VERSION = 2
-# Gate versions a client keeps: the server is at most one round behind a client, so
-# two would do; one more leaves room for a round whose reply was lost.
-KEEP_GATE_VERSIONS = 3
 # Configuration keys that may differ between a run and its resumption: they change
 # where and how long the run waits, logs or caches, not what it computes.
 RESUMABLE_CHANGES = (
@@ -57,7 +47,6 @@ RESUMABLE_CHANGES = (
 )
 
 _MODEL_PREFIX = "model:"
-_GATE_FILE = re.compile(r"^gate-r(\d+)\.npz$")
 
 
 class CheckpointError(ValueError):
@@ -80,9 +69,9 @@ class ServerCheckpoint:
         Historical load deficit H per expert.
     loads : dict
         Cumulative loads (:meth:`flexmoe_core.metrics.LoadTracker.state`).
-    history : list of dict
+    history : list of RoundRecord
         The finished per-round records (those in ``metrics.jsonl``).
-    pending : dict or None
+    pending : RoundRecord or None
         The last round's record while it waits for its evaluation.
     capacities : dict of int to int
         Capacity per client key, as last reported.
@@ -98,8 +87,8 @@ class ServerCheckpoint:
     fitness: dict[int, np.ndarray]
     deficit: np.ndarray
     loads: dict[str, list[float]]
-    history: list[dict[str, Any]] = field(default_factory=list)
-    pending: dict[str, Any] | None = None
+    history: list[RoundRecord] = field(default_factory=list)
+    pending: RoundRecord | None = None
     capacities: dict[int, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
@@ -128,8 +117,9 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: ServerCheckpoint) 
         "round": int(checkpoint.round),
         "fitness_keys": [int(k) for k in keys],
         "loads": checkpoint.loads,
-        "history": checkpoint.history,
-        "pending": checkpoint.pending,
+        # Stored as in metrics.jsonl.
+        "history": [record.to_json() for record in checkpoint.history],
+        "pending": None if checkpoint.pending is None else checkpoint.pending.to_json(),
         "capacities": {str(k): int(v) for k, v in checkpoint.capacities.items()},
         "config": checkpoint.config,
         "memory": checkpoint.memory,
@@ -144,7 +134,7 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: ServerCheckpoint) 
 
 
 def _json_default(value: Any) -> Any:
-    # History records may hold NumPy scalars or arrays (e.g. from metric helpers).
+    # The loads and memory may hold NumPy scalars or arrays.
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
@@ -198,8 +188,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> ServerCheckpoint:
         fitness={k: fitness[i].copy() for i, k in enumerate(keys)},
         deficit=deficit,
         loads=meta["loads"],
-        history=meta["history"],
-        pending=meta.get("pending"),
+        history=[RoundRecord.from_json(record) for record in meta["history"]],
+        pending=None if meta.get("pending") is None else RoundRecord.from_json(meta["pending"]),
         capacities={int(k): int(v) for k, v in meta["capacities"].items()},
         config=meta["config"],
         memory=meta.get("memory", {}),
@@ -270,64 +260,3 @@ def check_model_arrays(
             "Start a new run (drop checkpoint.resume or give another run_name), or finish "
             "this run with the release that wrote it."
         )
-
-
-# ------------------------------------------------------------------ client gates
-# Stored with each gate version beside its arrays: the experts the client held when the
-# gate trained (a newly held expert's gate row is set from it, see model.inherit_gate_rows).
-HELD_EXPERTS = "held-experts"
-
-
-def pick_gate_version(rounds: Iterable[int], latest_round: int) -> int | None:
-    """Return the newest version trained in a round ``<= latest_round`` (None if none)."""
-    eligible = [r for r in rounds if r <= latest_round]
-    return max(eligible) if eligible else None
-
-
-def stale_gate_versions(rounds: Iterable[int], keep: int = KEEP_GATE_VERSIONS) -> list[int]:
-    """Return the versions to drop so that only the ``keep`` newest remain."""
-    ordered = sorted(rounds, reverse=True)
-    return ordered[keep:]
-
-
-def gate_dir(root: str | os.PathLike[str], run_name: str, client_key: int) -> Path:
-    """Return the folder holding one client's gate versions of one run."""
-    if not run_name:
-        raise CheckpointError("gate versions need a run name (the server sends it)")
-    return Path(root).expanduser() / str(run_name) / f"client-{int(client_key)}"
-
-
-def save_gate(
-    directory: str | os.PathLike[str],
-    server_round: int,
-    arrays: Mapping[str, np.ndarray],
-    keep: int = KEEP_GATE_VERSIONS,
-) -> Path:
-    """Write the gate trained in ``server_round`` and drop versions beyond ``keep``."""
-    directory = Path(directory)
-    buffer = io.BytesIO()
-    np.savez(buffer, **dict(arrays))
-    path = directory / f"gate-r{int(server_round)}.npz"
-    atomic_write_bytes(path, buffer.getvalue())
-    versions = _gate_versions(directory)
-    for old in stale_gate_versions(versions, keep):
-        versions[old].unlink(missing_ok=True)
-    return path
-
-
-def load_gate(
-    directory: str | os.PathLike[str], latest_round: int
-) -> tuple[int, dict[str, np.ndarray]] | None:
-    """Return (round, arrays) of the newest gate trained in a round ``<= latest_round``."""
-    versions = _gate_versions(Path(directory))
-    chosen = pick_gate_version(versions, latest_round)
-    if chosen is None:
-        return None
-    with np.load(versions[chosen], allow_pickle=False) as data:
-        return chosen, {k: np.asarray(data[k]) for k in data.files}
-
-
-def _gate_versions(directory: Path) -> dict[int, Path]:
-    if not directory.is_dir():
-        return {}
-    return {int(m.group(1)): p for p in directory.iterdir() if (m := _GATE_FILE.match(p.name))}

@@ -34,6 +34,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .allocation.registry import STRATEGY_NAMES
 from .backbones import BACKBONES, moe_cut_problems
 from .data import DatasetError, Normaliser, build_augment
 from .data.groups import GROUP_TRANSFORMS
@@ -47,7 +48,7 @@ from .model import DISPATCH_MODES
 LENIENT_PREFIXES = ("sweep",)
 # Groups whose declared keys without a row are accepted unchecked (see module docstring).
 UNCHECKED_GROUP_KEYS = ("model",)
-STRATEGIES = ("flexmoe", "greedy", "random", "dense", "expert_choice", "oracle")
+STRATEGIES = STRATEGY_NAMES
 
 
 class ConfigError(ValueError):

@@ -35,11 +35,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from .checkpoint import gate_dir, load_gate
 from .data.images import IMAGE_SUFFIXES, decode_image
 from .data.sources import Normaliser
+from .gate_store import gate_dir, load_gate
 from .model import BACKBONE_PREFIX, GATE_PREFIX, MoEClassifier, build_model, split_expert_key
-from .results import CONFIG_FILE, METRICS_FILE, MODEL_FILE, read_metrics
+from .results import CONFIG_FILE, METRICS_FILE, MODEL_FILE, read_records
 
 TORCHSCRIPT_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
@@ -95,12 +95,12 @@ def _client_key(root: Path, client_key: int | None) -> int:
 
 def _experts_of(run_dir: Path, key: int, gate_round: int) -> list[int]:
     try:
-        records = read_metrics(run_dir)
+        records = read_records(run_dir)
     except FileNotFoundError:
         raise ExportError(f"{run_dir} has no {METRICS_FILE}") from None
     for record in records:
-        if int(record["round"]) == gate_round:
-            experts = record.get("assignment", {}).get(str(key))
+        if record.round == gate_round:
+            experts = (record.allocation.assignment or {}).get(str(key))
             if experts is None:
                 break
             return sorted(int(e) for e in experts)

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .records import Loads, Scores
+
 
 def load_stats(loads: np.ndarray) -> dict[str, float]:
     """Return mean, variance and coefficient of variation (std / mean) of expert loads."""
@@ -88,7 +90,7 @@ def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
 
 def summarise_evaluations(
     evaluations: Sequence[Mapping[str, tuple[int, float, float]]],
-) -> dict[str, float]:
+) -> Scores:
     """Average personalised evaluations over clients, weighted by each split's size.
 
     Each evaluation maps a split (``local``, ``global``) to (examples, loss, accuracy).
@@ -106,7 +108,7 @@ def summarise_evaluations(
         out[f"{split}_loss"] = float(np.average([loss for _, loss, _ in rows], weights=weights))
         out[f"{split}_acc_min"] = float(np.min(accuracies))
         out[f"{split}_acc_std"] = float(np.std(accuracies))
-    return out
+    return Scores(**out)
 
 
 class LoadTracker:
@@ -117,26 +119,28 @@ class LoadTracker:
         self.cumulative_holders = np.zeros(num_experts)
         self.cumulative_samples = np.zeros(num_experts)
 
-    def record(self, holders: np.ndarray, samples: np.ndarray) -> dict[str, object]:
+    def record(self, holders: np.ndarray, samples: np.ndarray) -> Loads:
         """Add one round's loads and return the round's and the cumulative statistics."""
         holders, samples = np.asarray(holders, float), np.asarray(samples, float)
         self.cumulative_holders += holders
         self.cumulative_samples += samples
-        out: dict[str, object] = {
-            "load_clients": holders.astype(int).tolist(),
-            "load_samples": samples.astype(int).tolist(),
-            "cum_load_clients": self.cumulative_holders.astype(int).tolist(),
-            "cum_load_samples": self.cumulative_samples.astype(int).tolist(),
+        stats = {
+            name: load_stats(loads)
+            for name, loads in (
+                ("clients", holders),
+                ("samples", samples),
+                ("cumulative_clients", self.cumulative_holders),
+                ("cumulative_samples", self.cumulative_samples),
+            )
         }
-        for key, loads in (
-            ("load_clients", holders),
-            ("load_samples", samples),
-            ("cum_load_clients", self.cumulative_holders),
-            ("cum_load_samples", self.cumulative_samples),
-        ):
-            stats = load_stats(loads)
-            out[f"{key}_var"], out[f"{key}_cv"] = stats["var"], stats["cv"]
-        return out
+        return Loads(
+            clients=holders.astype(int).tolist(),
+            samples=samples.astype(int).tolist(),
+            cumulative_clients=self.cumulative_holders.astype(int).tolist(),
+            cumulative_samples=self.cumulative_samples.astype(int).tolist(),
+            **{f"{name}_var": s["var"] for name, s in stats.items()},
+            **{f"{name}_cv": s["cv"] for name, s in stats.items()},
+        )
 
     def state(self) -> dict[str, list[float]]:
         """Return the cumulative loads as plain data."""

@@ -1,32 +1,68 @@
-"""Plots of run results: curves per strategy, expert-load heatmaps, paired differences.
+"""Every figure FLEX-MoE draws: run results and how labels are spread over clients.
 
-Plain data in, PNG files out; nothing here reads result folders (that is
-:mod:`flexmoe_core.report`), so both the report and a run's W&B logging
-(:mod:`flexmoe_core.results`) can use these helpers without importing each other.
+Run results: curves per strategy, expert-load heatmaps, paired differences. Data:
+per-client label counts (stacked bars and a share heatmap). Plain data in, image
+files out; nothing here reads result folders (that is :mod:`flexmoe_core.report`), so
+the report, a run's W&B logging (:mod:`flexmoe_core.results`) and the data
+preparation can use these helpers without importing each other.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-# (per-round key, panel title, y is a share in [0, 1]) of the curves figure
-CURVE_PANELS: list[tuple[str, str, bool]] = [
-    ("local_acc", "personalised accuracy, local split", True),
-    ("global_acc", "personalised accuracy, global test", True),
-    ("load_clients_cv", "expert load CV per round (clients holding)", False),
-    ("cum_load_clients_cv", "cumulative expert load CV", False),
+from .records import RoundRecord
+
+
+@dataclass(frozen=True)
+class CurvePanel:
+    """One panel of the curves figure: a figure of the round records, per round."""
+
+    name: str  # the key of its series in plot_strategy_curves' ``curves``
+    title: str
+    share: bool  # y is a share in [0, 1]
+    figure: Callable[[RoundRecord], float | None]
+
+
+CURVE_PANELS: list[CurvePanel] = [
+    CurvePanel(
+        "local_acc", "personalised accuracy, local split", True, lambda r: r.evaluation.local_acc
+    ),
+    CurvePanel(
+        "global_acc", "personalised accuracy, global test", True, lambda r: r.evaluation.global_acc
+    ),
+    CurvePanel(
+        "load_clients_cv",
+        "expert load CV per round (clients holding)",
+        False,
+        lambda r: r.loads.clients_cv,
+    ),
+    CurvePanel(
+        "cum_load_clients_cv",
+        "cumulative expert load CV",
+        False,
+        lambda r: r.loads.cumulative_clients_cv,
+    ),
 ]
 # Panels drawn only when some run measured them (purity: federations with known groups).
-OPTIONAL_CURVE_PANELS: list[tuple[str, str, bool]] = [
-    ("trained_local_acc", "accuracy of the just-trained models, local split", True),
-    ("purity", "assignment purity (known groups)", False),
-    ("churn", "share of clients changing experts", False),
+OPTIONAL_CURVE_PANELS: list[CurvePanel] = [
+    CurvePanel(
+        "trained_local_acc",
+        "accuracy of the just-trained models, local split",
+        True,
+        lambda r: r.training.trained.local_acc,
+    ),
+    CurvePanel("purity", "assignment purity (known groups)", False, lambda r: r.allocation.purity),
+    CurvePanel("churn", "share of clients changing experts", False, lambda r: r.allocation.churn),
 ]
 
 
@@ -118,7 +154,7 @@ def plot_strategy_curves(
         for key, values in by_key.items()
         if np.isfinite(np.asarray(values, dtype=float)).any()
     }
-    panels = CURVE_PANELS + [p for p in OPTIONAL_CURVE_PANELS if p[0] in measured]
+    panels = CURVE_PANELS + [p for p in OPTIONAL_CURVE_PANELS if p.name in measured]
     columns = min(len(panels), 4)
     rows = -(-len(panels) // columns)
     fig, grid = plt.subplots(rows, columns, figsize=(5 * columns, 4.4 * rows), squeeze=False)
@@ -126,10 +162,10 @@ def plot_strategy_curves(
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     for strategy, by_key in curves.items():
-        for ax, (key, _, _) in zip(axes, panels, strict=False):
-            if key not in by_key:
+        for ax, panel in zip(axes, panels, strict=False):
+            if panel.name not in by_key:
                 continue
-            values = np.asarray(by_key[key], dtype=float)
+            values = np.asarray(by_key[panel.name], dtype=float)
             rounds = np.arange(1, values.shape[1] + 1)
             with warnings.catch_warnings():  # a round (or run) without the key: a gap
                 warnings.simplefilter("ignore", RuntimeWarning)
@@ -152,10 +188,10 @@ def plot_strategy_curves(
                 color=colours[strategy],
                 linewidth=0,
             )
-    for ax, (_, label, share) in zip(axes, panels, strict=False):
-        ax.set_title(label, fontsize=10)
+    for ax, panel in zip(axes, panels, strict=False):
+        ax.set_title(panel.title, fontsize=10)
         _integer_rounds(ax)
-        if share:
+        if panel.share:
             from matplotlib.ticker import PercentFormatter
 
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
@@ -263,3 +299,97 @@ def plot_comparisons(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------ label spread
+# A legend beyond this many classes hides the bars; the heatmap carries them instead.
+_MAX_LEGEND = 20
+
+
+def _ensure_mpl_config_dir() -> None:
+    """Give Matplotlib a writable config dir before it is imported.
+
+    Matplotlib writes a font cache under ``$MPLCONFIGDIR`` (default ``~/.config``);
+    on read-only homes and in sandboxed client processes it would warn on every
+    import, so point it at a temporary folder when the default is not writable.
+    """
+    if os.environ.get("MPLCONFIGDIR"):
+        return
+    default = Path.home() / ".config" / "matplotlib"
+    try:
+        default.mkdir(parents=True, exist_ok=True)
+        if os.access(default, os.W_OK):
+            return
+    except OSError:
+        pass
+    os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="flexmoe-mpl-")
+
+
+def plot_label_distribution(counts: np.ndarray, path: Path, title: str) -> None:
+    """Save a figure of per-client label counts: stacked bars and a share heatmap.
+
+    Parameters
+    ----------
+    counts : np.ndarray
+        Clients x classes sample counts (e.g. from ``label_counts``).
+    path : Path
+        Output image file; its suffix picks the format (``.png``, ``.pdf``, ...).
+        Parent folders are created.
+    title : str
+        Figure title.
+
+    Raises
+    ------
+    ValueError
+        If ``counts`` is not a non-empty 2-D array of non-negative numbers.
+    """
+    counts = np.asarray(counts)
+    if counts.ndim != 2 or counts.size == 0 or (counts < 0).any():
+        raise ValueError(
+            f"counts must be a non-empty clients x classes array of counts, got shape "
+            f"{counts.shape}"
+        )
+    _ensure_mpl_config_dir()
+    # The object API with an explicit Agg canvas: no pyplot global state and no
+    # display needed, and the caller's backend choice is left untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    num_clients, num_classes = counts.shape
+    figure = Figure(figsize=(12, max(3.0, 0.3 * num_clients + 1.5)), layout="constrained")
+    FigureCanvasAgg(figure)
+    bars, heat = figure.subplots(1, 2, width_ratios=[1.2, 1])
+    cmap = _class_colours(num_classes)
+    left = np.zeros(num_clients)
+    clients = np.arange(num_clients)
+    for k in range(num_classes):
+        bars.barh(clients, counts[:, k], left=left, color=cmap[k], label=str(k), height=0.8)
+        left += counts[:, k]
+    bars.set_yticks(clients)
+    bars.set_ylabel("client (partition id)")
+    bars.set_xlabel("samples")
+    bars.invert_yaxis()
+    bars.set_title("samples per client, stacked by class")
+    if num_classes <= _MAX_LEGEND:
+        bars.legend(title="class", loc="lower right", fontsize="small", ncols=2)
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    image = heat.imshow(shares, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    heat.set_xlabel("class")
+    heat.set_ylabel("client (partition id)")
+    heat.set_title("share of each class in the client's data")
+    figure.colorbar(image, ax=heat, label="share")
+    figure.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
+def _class_colours(num_classes: int) -> list[tuple[float, float, float, float]]:
+    from matplotlib import colormaps
+
+    name = "tab10" if num_classes <= 10 else "tab20" if num_classes <= 20 else "turbo"
+    cmap = colormaps[name]
+    if name == "turbo":
+        return [cmap(i / max(num_classes - 1, 1)) for i in range(num_classes)]
+    return [cmap(i) for i in range(num_classes)]

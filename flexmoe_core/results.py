@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from .records import RoundRecord, plain
+
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "final_model.npz"
@@ -131,18 +133,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 class RunRecorder:
     """Writes a run's results under ``run_dir``; optionally mirrors metrics to W&B.
 
@@ -171,30 +161,36 @@ class RunRecorder:
             config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
         )
 
-    def restart_metrics(self, records: Iterable[Mapping[str, Any]]) -> None:
+    def restart_metrics(self, records: Iterable[RoundRecord]) -> None:
         """Replace ``metrics.jsonl`` by ``records`` (those of the checkpoint resumed from).
 
         A run killed after its checkpoint but before the round's line, or after lines
         that the checkpoint does not hold yet, then has exactly one line per finished
         round, as an uninterrupted run.
         """
-        lines = "".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in records)
+        lines = "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in records)
         atomic_write_bytes(self.run_dir / METRICS_FILE, lines.encode())
 
-    def log_round(self, record: Mapping[str, Any]) -> None:
+    def log_round(self, record: RoundRecord) -> None:
         """Append one finished round as a JSON line (and log its scalars to W&B)."""
-        line = json.dumps(_jsonable(record), sort_keys=True)
+        flat = record.to_json()
+        line = json.dumps(flat, sort_keys=True)
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(line + "\n")
         if self._wandb is not None:
-            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-            for key in ("load_clients", "load_samples"):  # one chart line per expert
-                for expert, load in enumerate(record.get(key, [])):
-                    scalars[f"{key}/expert_{expert}"] = load
-            for phase, seconds in record.get("client_time_s", {}).items():  # one per phase
+            # W&B charts are named as the stored figures.
+            scalars = {k: v for k, v in flat.items() if isinstance(v, (int, float))}
+            loads = record.loads
+            for name, per_expert in (
+                ("load_clients", loads.clients),
+                ("load_samples", loads.samples),
+            ):
+                for expert, load in enumerate(per_expert or []):  # one chart line per expert
+                    scalars[f"{name}/expert_{expert}"] = load
+            for phase, seconds in (record.timing.client_phases_s or {}).items():  # one per phase
                 scalars[f"client_time_s/{phase}"] = seconds
-            self._wandb.log(scalars, step=int(record["round"]))
-            self._load_history.append(record.get("load_clients", []))
+            self._wandb.log(scalars, step=record.round)
+            self._load_history.append(loads.clients or [])
 
     def save_model(self, arrays: Mapping[str, np.ndarray]) -> Path:
         """Save the final global backbone and experts as ``final_model.npz``."""
@@ -210,7 +206,7 @@ class RunRecorder:
         """Write the run's summary (final figures, fitness table, cumulative loads)."""
         atomic_write_bytes(
             self.run_dir / SUMMARY_FILE,
-            json.dumps(_jsonable(summary), indent=2).encode(),
+            json.dumps(plain(summary), indent=2).encode(),
         )
 
     def close(self) -> None:
@@ -236,7 +232,12 @@ class RunRecorder:
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Return the per-round records of a run directory."""
+    """Return the per-round lines of a run directory's ``metrics.jsonl``, as stored."""
     path = Path(run_dir) / METRICS_FILE
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_records(run_dir: str | os.PathLike[str]) -> list[RoundRecord]:
+    """Return the per-round records of a run directory."""
+    return [RoundRecord.from_json(line) for line in read_metrics(run_dir)]

@@ -29,145 +29,59 @@ quoting the clients' reasons, before that round changes any state.
 
 from __future__ import annotations
 
-import math
+import copy
 import time
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
 
 from .aggregation import AggregationPolicy, ClientUpdate, aggregate_bounded, check_update
-from .allocation import Allocation, make_allocator, oracle_fitness, update_deficit
+from .allocation import make_allocator, oracle_fitness, update_deficit
 from .backoff import BackoffPolicy, benched, leave_out
 from .checkpoint import ServerCheckpoint
 from .config import to_container
 from .data.groups import ClientGroups, groups_of
-from .fitness import ExpertFeedback, FitnessTable, relative_signals
-from .metrics import LoadTracker, assignment_nmi, assignment_purity, churn, summarise_evaluations
+from .fitness import FitnessTable, relative_signals
+from .metrics import LoadTracker, assignment_nmi, assignment_purity, churn
 from .model import split_expert_key
 from .privacy import PrivacyPolicy, epsilon, private_aggregate
-from .protocol import CLIENT_PHASES
+from .records import (
+    AllocationRecord,
+    RoundRecord,
+    RunSummary,
+    Trust,
+)
 from .results import run_status
+from .round_io import (
+    NO_REPLY,
+    ClientReply,
+    RoundOutcome,
+    RoundPlan,
+    RoundResults,
+    RunFailedError,
+    add_evaluation_traffic,
+    complete_record,
+    evaluates_in,
+    round_record,
+    stalled_message,
+)
 
-# Round-record keys that measure time: they differ between two runs of the same
-# computation, so equality checks (e.g. of a resumed run) leave them out.
-TIMING_KEYS = ("allocation_time_s", "server_time_s", "round_time_s", "client_time_s")
+__all__ = [
+    "NO_REPLY",
+    "ClientReply",
+    "RoundOutcome",
+    "RoundPlan",
+    "RoundResults",
+    "RoundState",
+    "RunFailedError",
+    "evaluates_in",
+]
 
-NO_REPLY = "no reply within the round timeout"
 # Third word of the DP noise's seed ([seed, round, DP_STREAM]): a stream of its own,
 # apart from the sampling's ([seed, round]).
 DP_STREAM = 0xD1FF
-# Distinct failure reasons quoted when a run stops for lack of accepted updates.
-QUOTED_REASONS = 5
-
-
-class RunFailedError(RuntimeError):
-    """The run cannot make progress (e.g. no client's update accepted for N rounds)."""
-
-
-def evaluates_in(server_round: int, every: int, num_rounds: int) -> bool:
-    """Whether a schedule of ``every`` rounds covers ``server_round`` (the last always)."""
-    return every > 0 and (server_round % every == 0 or server_round == num_rounds)
-
-
-@dataclass
-class RoundPlan:
-    """What the server sends in one round (or in the evaluation after the last one).
-
-    Attributes
-    ----------
-    round : int
-        The round the messages belong to.
-    experts : dict of int to list of int
-        Each participant's experts, by client key, in key order.
-    arrays : dict of int to dict
-        Each participant's payload: the backbone and its experts (views of the
-        global arrays; not to be modified).
-    seed : int
-        The round's training seed (each client adds its own offset).
-    evaluates : int or None
-        The round whose aggregated model the participants evaluate (before training,
-        or alone after the last round); None: no evaluation.
-    global_test : bool
-        Whether that evaluation includes the dataset's global test split.
-    allocation : Allocation or None
-        The round's allocation; None for the evaluation after the last round.
-    available : int
-        How many clients could be sampled.
-    server_time_s : float
-        Time spent planning.
-    """
-
-    round: int
-    experts: dict[int, list[int]]
-    arrays: dict[int, dict[str, np.ndarray]]
-    seed: int
-    evaluates: int | None
-    global_test: bool
-    allocation: Allocation | None
-    available: int
-    server_time_s: float = 0.0
-    # Clients left out by the backoff rule (flexmoe_core.backoff): key -> last round out.
-    benched: dict[int, int] = field(default_factory=dict)
-    # Whether replies must carry the received experts' held-out feedback (fitness.source).
-    heldout_feedback: bool = False
-
-    @property
-    def trains(self) -> bool:
-        """Whether the participants train (False: evaluation only)."""
-        return self.allocation is not None
-
-
-@dataclass
-class ClientReply:
-    """One client's answer, decoded by the adapter.
-
-    ``evaluation`` maps a split (``local``, ``global``) to (examples, loss, accuracy)
-    of the model the client received, measured before it trained;
-    ``trained_evaluation`` the same of the model it has just trained (local split).
-    ``heldout`` is the per-expert feedback of the received experts on the local
-    held-out split (``fitness.source=heldout``).
-    """
-
-    key: int
-    update: ClientUpdate | None = None
-    train_loss: float = math.nan
-    train_acc: float = math.nan
-    evaluation: dict[str, tuple[int, float, float]] | None = None
-    heldout: dict[int, ExpertFeedback] | None = None
-    trained_evaluation: dict[str, tuple[int, float, float]] | None = None
-    timings: dict[str, float] = field(default_factory=dict)  # protocol.CLIENT_PHASES, s
-
-
-@dataclass
-class RoundResults:
-    """What came back in one round, by client key."""
-
-    replies: list[ClientReply] = field(default_factory=list)
-    failures: dict[int, str] = field(default_factory=dict)
-    bytes_sent: dict[int, int] = field(default_factory=dict)
-    bytes_received: dict[int, int] = field(default_factory=dict)
-    wall_time_s: float = 0.0
-    server_time_s: float = 0.0  # the adapter's own share (encoding, decoding)
-    # Training examples the participants declared when they joined (the roster's):
-    # the most their example counts may weigh in the aggregation.
-    declared_examples: dict[int, int] = field(default_factory=dict)
-
-
-@dataclass
-class RoundOutcome:
-    """The closed round: who was accepted, who failed and why, finished records.
-
-    ``bounded`` says, per accepted client, what the aggregation's bounds cut.
-    """
-
-    accepted: list[int]
-    failures: dict[int, str]
-    finished: list[dict[str, Any]]
-    bounded: dict[int, str] = field(default_factory=dict)
 
 
 class RoundState:
@@ -207,8 +121,8 @@ class RoundState:
         self.privacy = PrivacyPolicy.from_config(cfg)
         self.deficit = np.zeros(self.num_experts)
         self.loads = LoadTracker(self.num_experts)
-        self.history: list[dict[str, Any]] = []  # finished records
-        self.pending: dict[str, Any] | None = None  # the last record, awaiting evaluation
+        self.history: list[RoundRecord] = []  # finished records
+        self.pending: RoundRecord | None = None  # the last record, awaiting evaluation
         self.completed_round = 0
         self.expert_bytes = [
             sum(
@@ -278,7 +192,7 @@ class RoundState:
             key: np.flatnonzero(row).tolist()
             for key, row in zip(participants, allocation.assignment, strict=True)
         }
-        evaluates = None if self.pending is None else int(self.pending["round"])
+        evaluates = None if self.pending is None else self.pending.round
         return RoundPlan(
             round=server_round,
             experts=experts,
@@ -305,17 +219,20 @@ class RoundState:
         if self.pending is None:
             return None
         record = self.pending
+        failures = record.participation.failures or {}
         experts = {
-            int(k): list(v) for k, v in record["assignment"].items() if k not in record["failures"]
+            int(k): list(v)
+            for k, v in (record.allocation.assignment or {}).items()
+            if k not in failures
         }
         experts = dict(sorted(experts.items()))
         return RoundPlan(
-            round=int(record["round"]),
+            round=record.round,
             experts=experts,
             arrays={key: self.payload(e) for key, e in experts.items()},
-            seed=int(self.cfg.seed) * 100_003 + int(record["round"]),
-            evaluates=int(record["round"]),
-            global_test=self._global_test(int(record["round"])),
+            seed=int(self.cfg.seed) * 100_003 + record.round,
+            evaluates=record.round,
+            global_test=self._global_test(record.round),
             allocation=None,
             available=len(experts),
         )
@@ -368,12 +285,12 @@ class RoundState:
         finished = []
         if self.pending is not None:
             evaluations = [r.evaluation for r in accepted if r.evaluation]
-            finished.append(self._complete(self.pending, evaluations))
+            finished.append(complete_record(self.pending, evaluations))
             self.pending = None
-        record = self._record(plan, results, failures, updates, accepted, routed)
-        record.update(trust)
+        record = self._record(plan, results, failures, accepted, routed)
+        record.trust = trust
         self.holding.update({r.key: plan.experts[r.key] for r in accepted})
-        record["server_time_s"] += time.perf_counter() - start
+        record.timing.server_s = (record.timing.server_s or 0.0) + time.perf_counter() - start
         every = int(self.cfg.evaluate.every)
         if evaluates_in(plan.round, every, int(self.cfg.num_rounds)):
             self.pending = record
@@ -382,8 +299,8 @@ class RoundState:
         self.history.extend(finished)
         self.completed_round = plan.round
         if self.privacy is not None:
-            record["dp_epsilon"] = self.dp_epsilon(self.records())
-        bounded = {int(k): why for k, why in trust.get("bounded", {}).items()}
+            record.trust.dp_epsilon = self.dp_epsilon(self.records())
+        bounded = {int(k): why for k, why in (trust.bounded or {}).items()}
         return RoundOutcome(
             [r.key for r in accepted], dict(sorted(failures.items())), finished, bounded
         )
@@ -404,8 +321,8 @@ class RoundState:
 
     def _aggregate(
         self, server_round: int, updates: list[ClientUpdate], declared: Mapping[int, int]
-    ) -> dict[str, Any]:
-        """Replace the global arrays by the round's aggregate; return record entries.
+    ) -> Trust:
+        """Replace the global arrays by the round's aggregate; say what limited the clients.
 
         ``bounded``: what the bounds cut, per client key (only when they cut); with
         privacy, ``dp_noise_std``: the noise std on each released group's average.
@@ -414,12 +331,12 @@ class RoundState:
             rng = np.random.default_rng([int(self.cfg.seed), server_round, DP_STREAM])
             private = private_aggregate(self.global_arrays, updates, self.privacy, rng)
             self.global_arrays = private.arrays
-            return {"dp_noise_std": {str(g): std for g, std in private.noise_std.items()}}
+            return Trust(dp_noise_std={str(g): std for g, std in private.noise_std.items()})
         result = aggregate_bounded(self.global_arrays, updates, self.policy, declared)
         self.global_arrays = result.arrays
         if not (clients := result.report.clients()):
-            return {}
-        return {"bounded": {str(c): result.report.describe(c) for c in clients}}
+            return Trust()
+        return Trust(bounded={str(c): result.report.describe(c) for c in clients})
 
     def _stop_if_stalled(self, server_round: int, failures: Mapping[int, str]) -> None:
         """Stop the run if this round ends ``max_failed_rounds`` without an accepted update.
@@ -429,115 +346,76 @@ class RoundState:
         limit = int(self.cfg.faults.get("max_failed_rounds", 0) or 0)
         streak: list[Mapping[Any, str]] = [failures]
         for record in reversed(self.records()):
-            if len(streak) >= limit or record.get("accepted", 1) > 0:
+            accepted = record.participation.accepted
+            if len(streak) >= limit or accepted is None or accepted > 0:
                 break
-            streak.append(record["failures"])
+            streak.append(record.participation.failures or {})
         if limit <= 0 or len(streak) < limit:
             return
         raise RunFailedError(stalled_message(server_round, streak))
 
-    def dp_epsilon(self, records: Sequence[Mapping[str, Any]]) -> float:
+    def dp_epsilon(self, records: Sequence[RoundRecord]) -> float:
         """Return epsilon after the training rounds of ``records`` (privacy enabled).
 
         The sampling rate q is the largest share of available clients any of those
         rounds sampled (the accountant takes one q; a larger one is conservative).
         """
         assert self.privacy is not None
-        rates = [r["participants"] / max(r["clients_available"], 1) for r in records]
+        rates = [
+            (r.participation.participants or 0) / max(r.participation.clients_available or 0, 1)
+            for r in records
+        ]
         rate = min(max(rates, default=1.0), 1.0)
         return epsilon(self.privacy.noise_multiplier, rate, len(records), self.privacy.delta)
 
-    def _close_evaluation(self, results: RoundResults) -> list[dict[str, Any]]:
+    def _close_evaluation(self, results: RoundResults) -> list[RoundRecord]:
         if self.pending is None:
             return []
         record = self.pending
-        for name, per_client in (
-            ("bytes_sent", results.bytes_sent),
-            ("bytes_received", results.bytes_received),
-        ):
-            table = record[f"{name}_per_client"]
-            for key, count in per_client.items():
-                table[str(key)] = table.get(str(key), 0) + count
-            record[name] = sum(table.values())
+        add_evaluation_traffic(record, results)
         evaluations = [
             r.evaluation
             for r in sorted(results.replies, key=lambda r: r.key)
             if r.evaluation and r.key not in results.failures
         ]
         self.pending = None
-        finished = [self._complete(record, evaluations)]
+        finished = [complete_record(record, evaluations)]
         self.history.extend(finished)
         return finished
-
-    @staticmethod
-    def _complete(
-        record: dict[str, Any], evaluations: list[dict[str, tuple[int, float, float]]]
-    ) -> dict[str, Any]:
-        record.update(summarise_evaluations(evaluations))
-        record["evaluated_clients"] = len(evaluations)
-        return record
 
     def _record(
         self,
         plan: RoundPlan,
         results: RoundResults,
         failures: Mapping[int, str],
-        updates: list[ClientUpdate],
         accepted: list[ClientReply],
         routed: np.ndarray,
-    ) -> dict[str, Any]:
+    ) -> RoundRecord:
+        """Make the round's record: the state's figures here, the replies' in round_io."""
         allocation = plan.allocation
         assert allocation is not None
-        record: dict[str, Any] = {
-            "round": plan.round,
-            "strategy": self.allocator.name,
-            "clients_available": plan.available,
-            "participants": len(plan.experts),
-            "accepted": len(updates),
-            "failures": {str(k): why for k, why in sorted(failures.items())},
-        }
-        if updates:
-            weights = np.array([u.num_examples for u in updates], dtype=float)
-            record["train_loss"] = float(
-                np.average([r.train_loss for r in accepted], weights=weights)
-            )
-            record["train_acc"] = float(
-                np.average([r.train_acc for r in accepted], weights=weights)
-            )
-            record["train_examples"] = int(weights.sum())
-        trained = [r.trained_evaluation for r in accepted if r.trained_evaluation]
-        record.update({f"trained_{k}": v for k, v in summarise_evaluations(trained).items()})
-        record.update(self.loads.record(allocation.assignment.sum(axis=0), routed))
-        record.update(churn(plan.experts, self.holding, self.expert_bytes))
-        if plan.benched:
-            record["benched"] = {str(k): u for k, u in sorted(plan.benched.items())}
+        purity = nmi = None
         if self.groups is not None:
             groups = groups_of(self.groups, list(plan.experts))
-            record["purity"] = assignment_purity(allocation.assignment, groups)
-            record["nmi"] = assignment_nmi(allocation.assignment, groups)
-        record.update(
-            {
-                "assignment": {str(k): e for k, e in plan.experts.items()},
-                "allocation_objective": allocation.objective,
-                "allocation_method": allocation.method,
-                "allocation_time_s": allocation.solve_time_s,
-                "deficit": self.deficit.tolist(),
-                "bytes_sent": sum(results.bytes_sent.values()),
-                "bytes_received": sum(results.bytes_received.values()),
-                "bytes_sent_per_client": {str(k): b for k, b in sorted(results.bytes_sent.items())},
-                "bytes_received_per_client": {
-                    str(k): b for k, b in sorted(results.bytes_received.items())
-                },
-                "server_time_s": plan.server_time_s + results.server_time_s,
-                "round_time_s": results.wall_time_s,
-                # Summed over the accepted clients: where their time went, per phase.
-                "client_time_s": {
-                    phase: sum(r.timings.get(phase, 0.0) for r in accepted)
-                    for phase in CLIENT_PHASES
-                },
-            }
+            purity = assignment_purity(allocation.assignment, groups)
+            nmi = assignment_nmi(allocation.assignment, groups)
+        return round_record(
+            plan,
+            results,
+            failures,
+            accepted,
+            strategy=self.allocator.name,
+            allocation=AllocationRecord(
+                assignment={str(k): e for k, e in plan.experts.items()},
+                objective=allocation.objective,
+                method=allocation.method,
+                deficit=self.deficit.tolist(),
+                purity=purity,
+                nmi=nmi,
+                **churn(plan.experts, self.holding, self.expert_bytes),
+            ),
+            loads=self.loads.record(allocation.assignment.sum(axis=0), routed),
         )
-        return record
 
     # ------------------------------------------------------------- checkpoint
     def checkpoint(self, capacities: Mapping[int, int]) -> ServerCheckpoint:
@@ -551,7 +429,7 @@ class RoundState:
             deficit=self.deficit.copy(),
             loads=self.loads.state(),
             history=list(self.history),
-            pending=None if self.pending is None else dict(self.pending),
+            pending=copy.deepcopy(self.pending),
             capacities=dict(capacities),
             config=to_container(self.cfg),
             memory={
@@ -566,8 +444,8 @@ class RoundState:
         self.global_arrays = {k: v.copy() for k, v in checkpoint.global_arrays.items()}
         self.deficit = np.asarray(checkpoint.deficit, dtype=float).copy()
         self.loads.load_state(checkpoint.loads)
-        self.history = [dict(r) for r in checkpoint.history]
-        self.pending = None if checkpoint.pending is None else dict(checkpoint.pending)
+        self.history = list(checkpoint.history)
+        self.pending = copy.deepcopy(checkpoint.pending)
         keys = sorted(checkpoint.fitness)
         memory = checkpoint.memory
         self.fitness.load_state(
@@ -584,7 +462,7 @@ class RoundState:
         self.completed_round = int(checkpoint.round)
 
     # ---------------------------------------------------------------- summary
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[RoundRecord]:
         """Return every record so far, the one awaiting its evaluation last."""
         return self.history + ([self.pending] if self.pending is not None else [])
 
@@ -595,8 +473,6 @@ class RoundState:
         script reads it to tell a failed run (``flwr run`` exits 0 either way).
         """
         records = self.records()
-        last = records[-1] if records else {}
-        evaluated = [r for r in records if "local_acc" in r]
         privacy = {}
         if self.privacy is not None:
             privacy = {
@@ -611,16 +487,7 @@ class RoundState:
             "strategy": self.allocator.name,
             "rounds": len(records),
             "clients": len(capacities),
-            "final_local_acc": evaluated[-1]["local_acc"] if evaluated else None,
-            "best_local_acc": max((r["local_acc"] for r in evaluated), default=None),
-            "final_global_acc": next(
-                (r["global_acc"] for r in reversed(records) if "global_acc" in r), None
-            ),
-            "mean_load_clients_cv": float(np.mean([r["load_clients_cv"] for r in records]))
-            if records
-            else None,
-            "cum_load_clients_cv": last.get("cum_load_clients_cv"),
-            "cum_load_samples_cv": last.get("cum_load_samples_cv"),
+            **RunSummary.from_records(records).to_json(),
             "capacities": {str(k): c for k, c in sorted(capacities.items())},
             "fitness": self.fitness.state(),
             "cumulative_loads": self.loads.state(),
@@ -632,52 +499,3 @@ def _rows_by_key(rows: Mapping[str, Any] | None, keys: Sequence[int]) -> list[An
     if rows is None or any(str(k) not in rows for k in keys):
         return None
     return [rows[str(k)] for k in keys]
-
-
-def stalled_message(server_round: int, streak: Sequence[Mapping[Any, str]]) -> str:
-    """Say that no update was accepted in the rounds of ``streak`` (newest first), and why.
-
-    The distinct reasons are quoted most frequent first, with the clients that gave them.
-    """
-    reasons: Counter[str] = Counter()
-    clients: dict[str, set[int]] = {}
-    for failures in streak:
-        for key, why in failures.items():
-            reasons[why] += 1
-            clients.setdefault(why, set()).add(int(key))
-    quoted = []
-    for why, times in reasons.most_common(QUOTED_REASONS):
-        keys = sorted(clients[why])
-        shown = ", ".join(map(str, keys[:5])) + (", ..." if len(keys) > 5 else "")
-        quoted.append(f"{why!r} ({times} replies; clients {shown})")
-    if len(reasons) > QUOTED_REASONS:
-        quoted.append(f"and {len(reasons) - QUOTED_REASONS} other reasons")
-    first = server_round - len(streak) + 1
-    return (
-        f"no client update was accepted in {len(streak)} consecutive rounds ({first} to "
-        f"{server_round}; faults.max_failed_rounds={len(streak)}): the run stops. The "
-        "clients' reasons: " + "; ".join(quoted) + f". Fix the cause and start again (the "
-        f"checkpoint, if enabled, holds the state after round {server_round - 1})."
-    )
-
-
-def headline(record: Mapping[str, Any], num_rounds: int) -> str:
-    """Return the one-line summary of a finished round record, for the server log."""
-
-    def accuracy(name: str) -> str:
-        return f"{record[name]:.4f}" if name in record else "n/a"
-
-    structure = f" | purity {record['purity']:.2f}" if "purity" in record else ""
-    # Clients left out by the backoff rule (flexmoe_core.backoff), if any.
-    benched = record.get("benched") or {}
-    left_out = f" | left out: {', '.join(f'client {k}' for k in benched)}" if benched else ""
-    return (
-        f"[round {record['round']}/{num_rounds}] local acc {accuracy('local_acc')} "
-        f"(trained {accuracy('trained_local_acc')}) | global acc {accuracy('global_acc')} | "
-        f"train loss {record.get('train_loss', float('nan')):.3f} | expert load "
-        f"{record['load_clients']} (CV {record['load_clients_cv']:.3f}, cumulative CV "
-        f"{record['cum_load_clients_cv']:.3f}) | samples CV {record['load_samples_cv']:.3f} | "
-        f"churn {record.get('churn', 0.0):.2f}{structure} | "
-        f"alloc {1000 * record['allocation_time_s']:.1f} ms | {record['round_time_s']:.1f} s"
-        f"{left_out}"
-    )

@@ -176,8 +176,8 @@ def run(grid: Grid, cfg: DictConfig) -> Path:
             "Done: final local acc %s, mean per-round expert-load CV %.4f, cumulative CV "
             "%.4f. Results in %s",
             summary["final_local_acc"],
-            summary["mean_load_clients_cv"],
-            summary["cum_load_clients_cv"],
+            summary["load_cv"],
+            summary["cum_load_cv"],
             run_dir,
         )
     except Exception as err:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import numpy as np
 from flwr.app import (
@@ -20,7 +19,8 @@ from flwr.serverapp.strategy import Result
 
 from flexmoe_core import protocol as proto
 from flexmoe_core.aggregation import ClientUpdate
-from flexmoe_core.round_state import ClientReply, RoundPlan
+from flexmoe_core.records import RoundRecord
+from flexmoe_core.round_io import ClientReply, RoundPlan
 
 # Flower's error code of the replies the SuperLink makes for a message whose node
 # stopped sending heartbeats (flwr.common.constant.ErrorCode.NODE_UNAVAILABLE).
@@ -194,19 +194,12 @@ def decode_reply(reply: Message, key: int, plan: RoundPlan) -> ClientReply:
         raise ValueError(f"malformed reply: {_problem(err)}") from None
 
 
-def result_from_records(arrays: ArrayRecord, records: Iterable[Mapping[str, Any]]) -> Result:
+def result_from_records(arrays: ArrayRecord, records: Iterable[RoundRecord]) -> Result:
     """Return Flower's :class:`Result`: final arrays and per-round metrics of the records."""
     result = Result(arrays=arrays)
     for record in records:
-        server_round = int(record["round"])
-        train = {k: record[k] for k in ("train_loss", "train_acc", "train_examples") if k in record}
-        if train:
-            result.train_metrics_clientapp[server_round] = MetricRecord(train)
-        scores = {
-            k: v
-            for k, v in record.items()
-            if k.startswith(("local_", "global_")) and isinstance(v, (int, float))
-        }
-        if scores:
-            result.evaluate_metrics_clientapp[server_round] = MetricRecord(scores)
+        if train := record.train_scores():
+            result.train_metrics_clientapp[record.round] = MetricRecord(train)
+        if scores := record.evaluation_scores():
+            result.evaluate_metrics_clientapp[record.round] = MetricRecord(scores)
     return result

@@ -24,16 +24,10 @@ from threadpoolctl import threadpool_limits
 from flexmoe_core import protocol as proto
 from flexmoe_core.checkpoint import ServerCheckpoint, save_checkpoint
 from flexmoe_core.config import to_container
+from flexmoe_core.records import TIMING_KEYS, RoundRecord, headline
 from flexmoe_core.results import RunRecorder, run_status
 from flexmoe_core.roster import Roster
-from flexmoe_core.round_state import (
-    TIMING_KEYS,
-    RoundOutcome,
-    RoundPlan,
-    RoundResults,
-    RoundState,
-    headline,
-)
+from flexmoe_core.round_state import RoundOutcome, RoundPlan, RoundResults, RoundState
 
 from .codec import (
     NODE_UNAVAILABLE,
@@ -116,7 +110,7 @@ class FlexMoEStrategy(Strategy):
         return self.state.global_arrays
 
     @property
-    def history(self) -> list[dict[str, Any]]:
+    def history(self) -> list[RoundRecord]:
         """Every round record so far (the last may still wait for its evaluation)."""
         return [] if self.state is None else self.state.records()
 
@@ -196,7 +190,7 @@ class FlexMoEStrategy(Strategy):
         self._log(server_round, outcome)
         self._save(outcome.finished)
         record = self.state.pending or self.state.history[-1]
-        train = {k: record[k] for k in ("train_loss", "train_acc", "train_examples") if k in record}
+        train = record.train_scores()
         return None, MetricRecord(train) if train else None
 
     def configure_evaluate(
@@ -217,8 +211,7 @@ class FlexMoEStrategy(Strategy):
         outcome = self.state.close(self.plan, self._results)
         self._log(server_round, outcome)
         self._save(outcome.finished)
-        record = self.state.history[-1] if self.state.history else {}
-        scores = {k: v for k, v in record.items() if k.startswith(("local_", "global_"))}
+        scores = self.state.history[-1].evaluation_scores() if self.state.history else {}
         return MetricRecord(scores) if scores else None
 
     def _log(self, server_round: int, outcome: RoundOutcome) -> None:
@@ -245,7 +238,7 @@ class FlexMoEStrategy(Strategy):
             )
             log(level, "Round %d: %s%s", server_round, name, text)
 
-    def _save(self, finished: list[dict[str, Any]]) -> None:
+    def _save(self, finished: list[RoundRecord]) -> None:
         # The checkpoint is written before the records: a run killed in between is
         # resumed from this round, and the resume rewrites metrics.jsonl from the
         # checkpoint's records, so no line is lost or doubled.
@@ -279,15 +272,16 @@ class FlexMoEStrategy(Strategy):
     ) -> Result:
         """Discover the clients, then run the rounds and the final evaluation.
 
-        With a checkpoint to resume from, the interrupted run's state is restored and
-        the loop continues after its last completed round. With a checkpoint path, the
-        state is saved after every round.
+        A checkpoint to resume from restores the interrupted run, which continues after
+        its last completed round; a checkpoint path saves the state after every round.
+        Flower's train_config, evaluate_config and evaluate_fn are refused, not ignored.
         """
+        if any(v is not None for v in (train_config, evaluate_config, evaluate_fn)):
+            hint = "the settings train.* and evaluate.* say how clients train and evaluate"
+            raise TypeError(f"start() takes no train_config, evaluate_config, evaluate_fn: {hint}")
         self.summary()
         self.state = RoundState(self.cfg, proto.arrays_to_numpy(initial_arrays))
-        # One BLAS thread: the server's array sums are memory-bound, and in a simulation
-        # its cores are the clients'; spinning BLAS threads made aggregation ~10x slower
-        # there (benchmarks/bench_round_cost.py). threadpoolctl comes with scikit-learn.
+        # One BLAS thread: memory-bound sums, cores shared with clients (bench_round_cost.py).
         with threadpool_limits(limits=1, user_api="blas"):
             self.membership.discover(grid)
             self.state.set_federation_size(self.roster.federation_size())

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from client_app.app import app as client_app
 from flexmoe_core.config import load_config
 from flexmoe_core.model import build_model, shared_state
+from flexmoe_core.records import RoundRecord
 from server_app.inprocess import InProcessGrid
 from server_app.strategy import TIMING_KEYS, FlexMoEStrategy, to_array_record
 
@@ -64,9 +65,11 @@ def run_strategy(
     return strategy
 
 
-def without_timing(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Return round records without the wall-clock measurements."""
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in history]
+def without_timing(history: list[RoundRecord] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return round records (or metrics.jsonl lines) as stored, without the wall-clock
+    measurements."""
+    lines = [r.to_json() if isinstance(r, RoundRecord) else r for r in history]
+    return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in lines]
 
 
 def assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:

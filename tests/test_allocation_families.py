@@ -17,9 +17,8 @@ import pytest
 from scipy import sparse
 from scipy.optimize import linprog
 
-from flexmoe_core import allocation_fast
-from flexmoe_core.allocation import LoadBounds, load_bounds, verify_assignment
-from flexmoe_core.allocation_fast import RESTRICT_MIN_CLIENTS, FlowSolution, solve_flow
+from flexmoe_core.allocation import LoadBounds, flow, load_bounds, verify_assignment
+from flexmoe_core.allocation.flow import RESTRICT_MIN_CLIENTS, FlowSolution, solve_flow
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_allocation import FAMILIES, instance
@@ -87,7 +86,7 @@ RESTRICTABLE = (
     ("uniform", LARGE),
     ("tied", LARGE),
     ("heavy-tailed", LARGE),
-    ("low-rank", 4 * allocation_fast.NEWTON_SAMPLE),
+    ("low-rank", 4 * flow.NEWTON_SAMPLE),
 )
 
 
@@ -117,7 +116,7 @@ def test_the_restricted_solve_moves_few_clients_and_finds_the_same_optimum(
 def test_a_restricted_solve_that_gives_up_leaves_the_whole_problem_to_the_flow(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(allocation_fast, "RESTRICT_TRIES", 0)
+    monkeypatch.setattr(flow, "RESTRICT_TRIES", 0)
     fitness, caps, bounds = tie_broken("uniform", LARGE, 16, 6, 0.0)
     solution = solve_flow(fitness, caps, bounds)
     assert solution.flow_clients == LARGE

@@ -14,10 +14,12 @@ from flexmoe_core.allocation import (
     FlexAllocator,
     InfeasibleAllocationError,
     LoadBounds,
+    flex,
     load_bounds,
     verify_assignment,
 )
-from flexmoe_core.allocation_fast import FlowSolution, _Flow, solve_flow
+from flexmoe_core.allocation.flow import FlowSolution, solve_flow
+from flexmoe_core.allocation.residual import ResidualFlow
 
 
 def examples(count: int) -> settings:
@@ -230,7 +232,7 @@ def test_negative_cycles_are_cancelled_to_the_optimum() -> None:
     caps = rng.integers(1, 4, 40)
     bounds = load_bounds(caps, 6, 0.2, np.zeros(6), rng)
     worst = solve_flow(-fitness, caps, bounds).assignment  # feasible, far from optimal
-    flow = _Flow(fitness, caps, bounds, worst.copy(), np.zeros(6), tol=1e-12)
+    flow = ResidualFlow(fitness, caps, bounds, worst.copy(), np.zeros(6), tol=1e-12)
     cancelled, _ = flow.certify()
     assert cancelled > 0
     verify_assignment(flow.x, caps, bounds)
@@ -271,7 +273,7 @@ def test_unmeetable_bounds_are_refused_identically(
 ) -> None:
     caps_arr = np.array(caps)
     bounds = LoadBounds(np.array(lower), np.array(upper), caps_arr.sum() / len(lower))
-    monkeypatch.setattr(allocation, "load_bounds", lambda *_args: bounds)
+    monkeypatch.setattr(flex, "load_bounds", lambda *_args: bounds)
     fitness = np.random.default_rng(0).random((len(caps), len(lower)))
     messages = []
     for solver in ("auto", "cvxpy"):

@@ -14,8 +14,8 @@ from flexmoe_core.backoff import BackoffPolicy, benched, leave_out
 from flexmoe_core.footprint import MIB, Footprint, measure_footprint, memory_budget_bytes
 from flexmoe_core.model import build_model
 from flexmoe_core.node import NodeSettings
+from flexmoe_core.records import AllocationRecord, Participation, RoundRecord, headline
 from flexmoe_core.roster import Roster
-from flexmoe_core.round_state import headline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,16 +141,16 @@ def test_auto_nodes_report_k_and_budget_to_the_server(tmp_path) -> None:
     assert strategy.roster.memory_budgets() == {1: 64.0}
     capacities = strategy.roster.capacities()
     assert capacities[1] == 8 and capacities[2] == 1  # a tiny CNN: all experts fit
-    assert {k: len(v) for k, v in strategy.history[0]["assignment"].items()}["2"] == 1
+    assert {k: len(v) for k, v in strategy.history[0].allocation.assignment.items()}["2"] == 1
 
 
 # ------------------------------------------------------------------ backoff
-def _record(server_round: int, assignment: dict, failed: set) -> dict:
-    return {
-        "round": server_round,
-        "assignment": {str(k): [0] for k in assignment},
-        "failures": {str(k): "client error" for k in failed},
-    }
+def _record(server_round: int, assignment: dict, failed: set) -> RoundRecord:
+    return RoundRecord(
+        server_round,
+        participation=Participation(failures={str(k): "client error" for k in failed}),
+        allocation=AllocationRecord(assignment={str(k): [0] for k in assignment}),
+    )
 
 
 def test_backoff_pauses_grow_and_an_accepted_update_clears_them() -> None:
@@ -189,9 +189,13 @@ def test_a_failing_client_is_left_out_for_growing_pauses(caplog) -> None:
         num_rounds=7,
     )
     strategy = run_strategy(cfg, make_grid(3, fail=fail))
-    records = {r["round"]: r for r in strategy.history}
-    assert [r for r in records if "1" in records[r]["assignment"]] == [1, 2, 4, 5]
-    assert {r: records[r].get("benched") for r in records if "benched" in records[r]} == {
+    records = {r.round: r for r in strategy.history}
+    assert [r for r in records if "1" in records[r].allocation.assignment] == [1, 2, 4, 5]
+    assert {
+        r: records[r].participation.benched
+        for r in records
+        if records[r].participation.benched is not None
+    } == {
         3: {"1": 3},
         6: {"1": 7},
         7: {"1": 7},

@@ -25,7 +25,6 @@ from flexmoe_core.results import read_metrics
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "local_federation.py"
 BIN = Path(sys.executable).parent
 
 
@@ -62,7 +61,7 @@ def test_nodes_with_bad_settings_are_left_out_and_the_run_goes_on(caplog, tmp_pa
     caplog.set_level("WARNING")
     strategy = run_strategy(fast_config(num_clients=5, num_rounds=1), make_grid(5, configs=configs))
     assert strategy.roster.capacities() == {0: 2, 2: 3}
-    assert sorted(strategy.history[0]["assignment"]) == ["0", "2"]
+    assert sorted(strategy.history[0].allocation.assignment) == ["0", "2"]
     warnings = [r.getMessage() for r in caplog.records if "left out of this run" in r.getMessage()]
     assert len(warnings) == 2
     assert any("Node 1001" in w and "capacity=K" in w and "partition-id=1" in w for w in warnings)
@@ -128,10 +127,14 @@ def test_nodes_with_own_data_join_partition_nodes(tmp_path, monkeypatch) -> None
         make_grid(3, configs=configs),
     )
     record = strategy.history[0]
-    assert record["accepted"] == 3 and record["failures"] == {}
-    assert {k: len(v) for k, v in record["assignment"].items()} == {"2": 2, "10": 3, "11": 3}
+    assert record.participation.accepted == 3 and record.participation.failures == {}
+    assert {k: len(v) for k, v in record.allocation.assignment.items()} == {
+        "2": 2,
+        "10": 3,
+        "11": 3,
+    }
     # Only the partition node has a global test split.
-    assert "global_acc" in record and "local_acc" in record
+    assert record.evaluation.global_acc is not None and record.evaluation.local_acc is not None
 
 
 # ------------------------------------------------------------ real federations
@@ -154,7 +157,7 @@ def federation_env(tmp: Path) -> dict[str, str]:
 
 def script(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, "-m", "flexmoe_launch.local_federation", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -173,7 +176,7 @@ def _alive(record: dict[str, Any]) -> bool:
 
 @pytest.fixture
 def federation(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """A work dir for ``local_federation.py``; whatever it started is stopped afterwards."""
+    """A work dir for ``flexmoe-federation``; whatever it started is stopped afterwards."""
     env = federation_env(tmp_path)
     workdir = tmp_path / "fed"
     yield {"env": env, "workdir": workdir, "tmp": tmp_path}

@@ -257,11 +257,11 @@ def test_next_round_allocates_over_the_nodes_still_online() -> None:
     grid, _ = _offline_after_round_1({1002})
     strategy = run_strategy(fast_config(num_rounds=2), grid)
     first, second = strategy.history
-    assert sorted(first["assignment"]) == ["0", "1", "2"]
-    assert sorted(second["assignment"]) == ["0", "1"]
-    assert second["participants"] == second["accepted"] == 2
+    assert sorted(first.allocation.assignment) == ["0", "1", "2"]
+    assert sorted(second.allocation.assignment) == ["0", "1"]
+    assert second.participation.participants == second.participation.accepted == 2
     for key in (0, 1):
-        assert len(second["assignment"][str(key)]) == strategy.roster.capacities()[key]
+        assert len(second.allocation.assignment[str(key)]) == strategy.roster.capacities()[key]
     assert not {m.metadata.dst_node_id for m in grid.sent[-4:]} & {1002}
 
 
@@ -278,7 +278,7 @@ def test_missing_nodes_start_late_or_stop_the_run_with_advice(caplog) -> None:
     # Two of a simulation's three SuperNodes: the run starts with them ...
     caplog.set_level("WARNING")
     strategy = run_strategy(fast_config(num_rounds=1), make_grid(2, configs=node_configs(3)[:2]))
-    assert strategy.history[0]["participants"] == 2
+    assert strategy.history[0].participation.participants == 2
     assert "Starting with 2 of the 3 expected clients" in caplog.text
     # ... unless fewer than min_clients_per_round answered.
     with pytest.raises(RuntimeError) as info:

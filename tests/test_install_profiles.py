@@ -52,7 +52,7 @@ def test_the_blocker_catches_a_server_only_import() -> None:
     # that imported scipy (as the server's allocation does) would fail to import.
     probe = (
         "import sys; sys.path.insert(0, 'tests'); import client_profile_check as c; "
-        "sys.meta_path.insert(0, c.Blocker()); import flexmoe_core.allocation_fast"
+        "sys.meta_path.insert(0, c.Blocker()); import flexmoe_core.allocation.flow"
     )
     blocked = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120

@@ -282,7 +282,7 @@ def test_a_reply_without_the_heldout_feedback_is_rejected_with_its_reason() -> N
 
     cfg = fast_config("fitness.source=heldout", num_clients=2, num_rounds=1)
     strategy = run_strategy(cfg, make_grid(2, tamper=drop_heldout))
-    failures = strategy.history[0]["failures"]
+    failures = strategy.history[0].participation.failures
     assert list(failures) == ["0"] and "heldout-feedback" in failures["0"]
 
 
@@ -295,9 +295,9 @@ def test_runs_record_purity_churn_and_the_trained_accuracy() -> None:
     )
     strategy = run_strategy(cfg, make_grid(4))
     records = strategy.history
-    assert [r["purity"] for r in records] == [1.0, 1.0]
-    assert [r["churn"] for r in records] == [0.0, 0.0]
-    assert all(0.0 <= r["trained_local_acc"] <= 1.0 for r in records)
+    assert [r.allocation.purity for r in records] == [1.0, 1.0]
+    assert [r.allocation.churn for r in records] == [0.0, 0.0]
+    assert all(0.0 <= r.training.trained.local_acc <= 1.0 for r in records)
 
 
 def test_the_oracle_needs_groups() -> None:

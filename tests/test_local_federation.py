@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from server_app import local_federation as fed
+from flexmoe_launch import local_federation as fed
 
 USER_CONFIG = """\
 # my federations
@@ -81,9 +81,10 @@ def test_federation_command_is_installed_and_runs_from_a_checkout() -> None:
 
     root = Path(__file__).resolve().parents[1]
     scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["flexmoe-federation"] == "server_app.local_federation:main"
+    assert scripts["flexmoe-federation"] == "flexmoe_launch.local_federation:main"
     done = subprocess.run(
-        [sys.executable, str(root / "scripts" / "local_federation.py"), "--help"],
+        [sys.executable, "-m", "flexmoe_launch.local_federation", "--help"],
+        cwd=root,
         capture_output=True,
         text=True,
         timeout=60,

@@ -43,8 +43,8 @@ def test_a_node_that_connects_later_is_asked_and_joins_from_the_next_round(caplo
     grid.fail = fail
     caplog.set_level("INFO")
     strategy = run_strategy(fast_config(num_rounds=3), grid)
-    assert [r["participants"] for r in strategy.history] == [3, 4, 4]
-    assert sorted(strategy.history[1]["assignment"]) == ["0", "1", "2", "3"]
+    assert [r.participation.participants for r in strategy.history] == [3, 4, 4]
+    assert sorted(strategy.history[1].allocation.assignment) == ["0", "1", "2", "3"]
     assert "Client 3 joined on node 1003" in caplog.text
     assert strategy.final_summary()["clients"] == 4
 
@@ -79,12 +79,12 @@ def test_a_restarted_node_takes_back_its_key_fitness_row_and_gate(tmp_path, monk
     cfg = fast_config(f"run_name=r checkpoint.client_dir={tmp_path / 'gates'}", num_rounds=4)
     strategy = run_strategy(cfg, grid)
     history = strategy.history
-    assert list(history[1]["failures"]) == ["1"]  # the node that was sent the message
-    assert "no reply" in history[1]["failures"]["1"]
+    assert list(history[1].participation.failures) == ["1"]  # the node that was sent the message
+    assert "no reply" in history[1].participation.failures["1"]
     # Round 3: client 1 trains again, on the restarted node; the old id gets nothing.
-    assert all(r["failures"] == {} for r in history[2:])
+    assert all(r.participation.failures == {} for r in history[2:])
     assert trained_by(grid, 3) == {1000: 1, 1002: 1, 1003: 1}
-    assert sorted(history[2]["assignment"]) == ["0", "1", "2"]
+    assert sorted(history[2].allocation.assignment) == ["0", "1", "2"]
     # One fitness row per client key: the restarted node continued client 1's row.
     assert sorted(fitness_by_key(strategy)) == [0, 1, 2]
     # Its first training started from client 1's gate of round 1, read from disk
@@ -99,10 +99,13 @@ def test_failures_are_named_by_the_message_sent_not_by_the_reply_sender() -> Non
         return "unavailable" if lost else None
 
     strategy = run_strategy(fast_config(num_rounds=3), make_grid(3, fail=fail))
-    assert strategy.history[1]["failures"] == {"1": "node unavailable: Node Unavailable"}
-    assert strategy.history[1]["accepted"] == 2
+    assert strategy.history[1].participation.failures == {"1": "node unavailable: Node Unavailable"}
+    assert strategy.history[1].participation.accepted == 2
     # It answered the capacity query of round 3: it was only away, and trains again.
-    assert strategy.history[2]["accepted"] == 3 and strategy.history[2]["failures"] == {}
+    assert (
+        strategy.history[2].participation.accepted == 3
+        and strategy.history[2].participation.failures == {}
+    )
 
 
 def test_a_capacity_reported_with_a_reply_is_used_by_the_next_allocation() -> None:
@@ -114,7 +117,7 @@ def test_a_capacity_reported_with_a_reply_is_used_by_the_next_allocation() -> No
 
     grid.fail = fail
     strategy = run_strategy(fast_config(num_rounds=3), grid)
-    assert [len(r["assignment"]["0"]) for r in strategy.history] == [3, 3, 1]
+    assert [len(r.allocation.assignment["0"]) for r in strategy.history] == [3, 3, 1]
     assert strategy.final_summary()["capacities"] == {"0": 1, "1": 3, "2": 3}
 
 
@@ -139,7 +142,7 @@ def test_a_second_claimant_is_refused_while_the_holder_is_connected(caplog) -> N
     # While 1001 is connected it keeps client 1; once it has left, 1003 takes over.
     assert [1001 in trained_by(grid, r) for r in (1, 2, 3, 4)] == [True, True, True, False]
     assert [1003 in trained_by(grid, r) for r in (1, 2, 3, 4)] == [False, False, False, True]
-    assert all(r["failures"] == {} for r in strategy.history)
+    assert all(r.participation.failures == {} for r in strategy.history)
 
 
 def test_a_late_reply_keeps_the_key_and_an_impostor_is_refused(caplog) -> None:
@@ -163,5 +166,5 @@ def test_a_late_reply_keeps_the_key_and_an_impostor_is_refused(caplog) -> None:
     assert not any(1003 in trained_by(grid, r) for r in (1, 2, 3, 4))
     # The honest node answered the next query and trains from round 3 on.
     assert [1001 in trained_by(grid, r) for r in (1, 2, 3, 4)] == [True, True, True, True]
-    assert list(strategy.history[1]["failures"]) == ["1"]
+    assert list(strategy.history[1].participation.failures) == ["1"]
     assert "node 1001 (client 1) left out of this round" in caplog.text

@@ -13,6 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from flexmoe_core.config import load_config
+from flexmoe_core.records import RoundRecord
 from flexmoe_core.report import (
     BETTER,
     NO_DIFFERENCE,
@@ -63,7 +64,13 @@ def run_of(
     ]
     for record in records:
         record["load_clients_cv"] = load_cv
-    return Run(Path(f"/runs/{strategy}-{seed}"), "setup", strategy, seed, records)
+    return Run(
+        Path(f"/runs/{strategy}-{seed}"),
+        "setup",
+        strategy,
+        seed,
+        [RoundRecord.from_json(r) for r in records],
+    )
 
 
 def test_differences_are_paired_by_seed() -> None:

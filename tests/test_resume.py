@@ -27,12 +27,11 @@ from flexmoe_core.checkpoint import (
     checkpoint_path,
     config_differences,
     load_checkpoint,
-    load_gate,
-    pick_gate_version,
     save_checkpoint,
-    save_gate,
 )
 from flexmoe_core.config import to_container
+from flexmoe_core.gate_store import load_gate, pick_gate_version, save_gate
+from flexmoe_core.records import RoundRecord
 from flexmoe_core.results import METRICS_FILE, MODEL_FILE, SUMMARY_FILE, RunRecorder, read_metrics
 from server_app.app import run
 from server_app.inprocess import InProcessGrid
@@ -182,8 +181,8 @@ def test_kill_between_checkpoint_and_metrics_line(
 ) -> None:
     original = RunRecorder.log_round
 
-    def log_round(self: RunRecorder, record: dict[str, Any]) -> None:
-        if record["round"] == 2:
+    def log_round(self: RunRecorder, record: RoundRecord) -> None:
+        if record.round == 2:
             raise Killed("killed after the checkpoint of round 2, before its metrics line")
         original(self, record)
 
@@ -287,7 +286,9 @@ def _checkpoint(round_: int = 4) -> ServerCheckpoint:
         fitness={3: rng.random(4), 0: rng.random(4)},
         deficit=np.array([0.25, -0.25, 1 / 3, -1 / 3]),
         loads={"holders": [1.0, 2.0, 3.0, 4.0], "samples": [5.0, 6.0, 7.0, 8.0]},
-        history=[{"round": 1, "local_acc": 0.1 + 0.2, "assignment": {"3": [0, 1]}}],
+        history=[
+            RoundRecord.from_json({"round": 1, "local_acc": 0.1 + 0.2, "assignment": {"3": [0, 1]}})
+        ],
         capacities={3: 2, 0: 1},
         config={"seed": 0, "train": {"lr": 0.05}},
     )

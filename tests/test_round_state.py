@@ -167,26 +167,28 @@ def test_a_round_record_is_finished_by_the_next_round_and_the_last_by_the_final_
     assert first.finished == [] and state.pending is not None  # waits for its evaluation
     plan2, second = run_round(state, 2, capacities)
     assert plan2.evaluates == 1 and not plan2.global_test  # global test every 2 rounds
-    assert [r["round"] for r in second.finished] == [1]
+    assert [r.round for r in second.finished] == [1]
     record = second.finished[0]
     # Clients 0, 1, 2 evaluated round 1's model: (10, 0.0), (11, 0.1), (12, 0.2).
-    assert record["local_acc"] == pytest.approx((11 * 0.1 + 12 * 0.2) / 33)
-    assert record["evaluated_clients"] == 3 and record["bytes_sent"] == 300
+    assert record.evaluation.local_acc == pytest.approx((11 * 0.1 + 12 * 0.2) / 33)
+    assert record.evaluation.clients == 3 and record.traffic.sent == 300
     _, third = run_round(state, 3, capacities)
-    assert [r["round"] for r in third.finished] == [2]
+    assert [r.round for r in third.finished] == [2]
     final = state.final_evaluation()
     assert final is not None and not final.trains and final.evaluates == 3 and final.global_test
     assert state.pending is not None
-    assert final.experts == {int(k): e for k, e in state.pending["assignment"].items()}
+    assert final.experts == {int(k): e for k, e in state.pending.allocation.assignment.items()}
     replies = [
         ClientReply(k, evaluation={"local": (5, 0.3, 0.8), "global": (9, 0.4, 0.6)})
         for k in final.experts
     ]
     outcome = state.close(final, RoundResults(replies=replies, bytes_sent={0: 50}))
     (last,) = outcome.finished
-    assert last["round"] == 3 and last["local_acc"] == 0.8 and last["global_acc"] == 0.6
-    assert last["bytes_sent_per_client"]["0"] == 150  # the train message + the final one
-    assert [r["round"] for r in state.history] == [1, 2, 3] and state.pending is None
+    assert (
+        last.round == 3 and last.evaluation.local_acc == 0.8 and last.evaluation.global_acc == 0.6
+    )
+    assert last.traffic.sent_per_client["0"] == 150  # the train message + the final one
+    assert [r.round for r in state.history] == [1, 2, 3] and state.pending is None
     assert state.final_evaluation() is None
     summary = state.summary(capacities)
     assert summary["rounds"] == 3 and summary["final_local_acc"] == 0.8 and summary["clients"] == 3
@@ -195,11 +197,13 @@ def test_a_round_record_is_finished_by_the_next_round_and_the_last_by_the_final_
 def test_rounds_off_the_evaluation_schedule_are_finished_at_once() -> None:
     state = RoundState(config("evaluate.every=2 num_rounds=3"), initial_arrays())
     _, first = run_round(state, 1, {0: 1, 1: 1})
-    assert [r["round"] for r in first.finished] == [1] and "local_acc" not in first.finished[0]
+    assert [r.round for r in first.finished] == [1] and first.finished[
+        0
+    ].evaluation.local_acc is None
     plan2, second = run_round(state, 2, {0: 1, 1: 1})
     assert plan2.evaluates is None and second.finished == []
     plan3, third = run_round(state, 3, {0: 1, 1: 1})
-    assert plan3.evaluates == 2 and [r["round"] for r in third.finished] == [2]
+    assert plan3.evaluates == 2 and [r.round for r in third.finished] == [2]
 
 
 def test_checkpoint_and_restore_continue_exactly(tmp_path) -> None:
@@ -226,6 +230,6 @@ def test_checkpoint_and_restore_continue_exactly(tmp_path) -> None:
 
     assert rows(resumed) == rows(straight)
     strip = ("server_time_s", "round_time_s", "allocation_time_s")
-    assert [{k: v for k, v in r.items() if k not in strip} for r in resumed.records()] == [
-        {k: v for k, v in r.items() if k not in strip} for r in straight.records()
-    ]
+    assert [
+        {k: v for k, v in r.to_json().items() if k not in strip} for r in resumed.records()
+    ] == [{k: v for k, v in r.to_json().items() if k not in strip} for r in straight.records()]

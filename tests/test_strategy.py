@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
 from client_app.app import app as client_app
 from flexmoe_core import protocol
@@ -49,10 +49,10 @@ def test_each_node_gets_backbone_and_exactly_its_experts(tiny_overrides: str) ->
         assert not any(k.startswith("gate.") for k in keys)
     # loads: 10 slots over 8 experts -> every expert held by 1 or 2 clients, every round
     for record in strategy.history:
-        assert sorted(record["load_clients"]) == [1] * 6 + [2] * 2
+        assert sorted(record.loads.clients) == [1] * 6 + [2] * 2
     assert (
-        max(strategy.history[-1]["cum_load_clients"])
-        - min(strategy.history[-1]["cum_load_clients"])
+        max(strategy.history[-1].loads.cumulative_clients)
+        - min(strategy.history[-1].loads.cumulative_clients)
         <= 1
     )
 
@@ -83,7 +83,10 @@ def test_one_model_message_per_participant_per_round(tiny_overrides: str) -> Non
         if message.metadata.message_type == "train":
             assert config[protocol.EVALUATE] == (config[protocol.ROUND] > 1)
             assert config[protocol.GLOBAL_TEST] == (config[protocol.ROUND] == 3)
-    assert [("local_acc" in r, "global_acc" in r) for r in strategy.history] == [
+    assert [
+        (r.evaluation.local_acc is not None, r.evaluation.global_acc is not None)
+        for r in strategy.history
+    ] == [
         (True, False),
         (True, True),
         (True, True),
@@ -96,14 +99,14 @@ def test_one_model_message_per_participant_per_round(tiny_overrides: str) -> Non
                 len(a.data) for a in m.content[protocol.ARRAYS].values()
             )
             for m in with_model
-            if int(m.content[protocol.CONFIG][protocol.ROUND]) == record["round"]
+            if int(m.content[protocol.CONFIG][protocol.ROUND]) == record.round
             and m.metadata.message_type == "train"
         }
-        up = record["bytes_received_per_client"]
+        up = record.traffic.received_per_client
         assert up == expected_down
-        down = record["bytes_sent_per_client"]
-        assert down == (expected_down if record["round"] < 3 else {k: 2 * v for k, v in up.items()})
-        assert record["bytes_sent"] == sum(down.values())
+        down = record.traffic.sent_per_client
+        assert down == (expected_down if record.round < 3 else {k: 2 * v for k, v in up.items()})
+        assert record.traffic.sent == sum(down.values())
 
 
 def test_gate_stays_home_and_keeps_learning(tiny_overrides: str) -> None:
@@ -171,7 +174,7 @@ def test_unheld_experts_keep_their_value(tiny_overrides: str) -> None:
     initial = shared_state(model)
     strategy = FlexMoEStrategy(cfg)
     strategy.start(InProcessGrid(client_app, nodes(4)), to_array_record(initial), num_rounds=1)
-    held = {e for experts in strategy.history[0]["assignment"].values() for e in experts}
+    held = {e for experts in strategy.history[0].allocation.assignment.values() for e in experts}
     assert len(held) == 4
     for name, value in strategy.global_arrays.items():
         if name.startswith("experts."):
@@ -186,7 +189,7 @@ def test_greedy_through_the_same_override(tiny_overrides: str) -> None:
     strategy = run(cfg, InProcessGrid(client_app, nodes(4)))
     assert strategy.state.allocator.name == "greedy"
     # q0 = 1 is optimistic: greedy tries untried experts, and its loads are unbalanced
-    assert any(r["load_clients_cv"] > 0 for r in strategy.history)
+    assert any(r.loads.clients_cv > 0 for r in strategy.history)
 
 
 def test_capacity_from_node_config_and_invalid_nodes_left_out(
@@ -211,7 +214,7 @@ def test_the_federation_sets_the_number_of_clients(
     cfg = load_config(tiny_overrides + " num_clients=6 num_rounds=1 timeouts.wait_for_clients_s=0")
     with caplog.at_level(logging.WARNING, logger="flwr"):
         strategy = run(cfg, InProcessGrid(client_app, nodes(4)))
-    assert sorted(strategy.history[0]["assignment"]) == ["0", "1", "2", "3"]
+    assert sorted(strategy.history[0].allocation.assignment) == ["0", "1", "2", "3"]
     assert "num_clients=6, but the SuperNodes declare num-partitions=4" in caplog.text
     assert "num-supernodes=6" in caplog.text
     assert strategy.final_summary()["clients"] == 4
@@ -231,9 +234,9 @@ def test_a_crashed_client_does_not_stop_the_round(tiny_overrides: str) -> None:
     grid = InProcessGrid(client_app, nodes(4), fail=crash)
     strategy = run(cfg, grid)
     second = strategy.history[1]
-    assert second["accepted"] == 3 and "1" in second["failures"]
-    assert "injected failure" in second["failures"]["1"]
-    assert strategy.history[2]["accepted"] == 4
+    assert second.participation.accepted == 3 and "1" in second.participation.failures
+    assert "injected failure" in second.participation.failures["1"]
+    assert strategy.history[2].participation.accepted == 4
 
 
 def test_wandb_offline_logging(tmp_path: Path, tiny_overrides: str) -> None:
@@ -277,7 +280,7 @@ def test_every_round_says_where_the_clients_time_went(tiny_overrides: str) -> No
     cfg = load_config(tiny_overrides)
     strategy = run(cfg, InProcessGrid(client_app, nodes(3)))
     for record in strategy.history:
-        phases = record["client_time_s"]
+        phases = record.timing.client_phases_s
         assert set(phases) == set(protocol.CLIENT_PHASES)
         assert phases["train_step"] > 0 and phases["model"] > 0
         parts = sum(seconds for phase, seconds in phases.items() if phase != "total")
@@ -289,3 +292,16 @@ def test_malformed_timings_are_left_out_not_fatal() -> None:
     sent = {"train_step": 1.5, "data": -1.0, "model": float("nan"), "encode": True, "x": 3.0}
     assert protocol.decode_timings(sent) == {"train_step": 1.5}
     assert protocol.decode_timings(None) == {}
+
+
+@pytest.mark.parametrize("hook", ["train_config", "evaluate_config", "evaluate_fn"])
+def test_flower_hooks_of_start_are_refused_not_ignored(tiny_overrides: str, hook: str) -> None:
+    # Even an empty ConfigRecord is refused: the run's settings alone configure the clients.
+    value = ConfigRecord() if hook.endswith("_config") else (lambda *_args: None)
+    cfg = load_config(tiny_overrides)
+    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes)
+    strategy = FlexMoEStrategy(cfg)
+    grid = InProcessGrid(client_app, nodes(2))
+    with pytest.raises(TypeError, match=rf"{hook}.*train\.\* and evaluate\.\*"):
+        strategy.start(grid, to_array_record(shared_state(model)), num_rounds=1, **{hook: value})
+    assert strategy.history == []

@@ -25,17 +25,17 @@ from omegaconf import OmegaConf
 
 from flexmoe_core.data.cache import digest
 from flexmoe_core.report import COMPLETED, FAILED, JobStatus, build_report, find_sweep_jobs
-from server_app.sweep import SweepSettings, reproduce_commands, run_overrides, sweep_size
+from flexmoe_launch.sweep import SweepSettings, reproduce_commands, run_overrides, sweep_size
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE = [f"sweep.flwr='{sys.executable} {ROOT / 'tests' / 'fake_flwr.py'}'", "sweep.federation=fake"]
 
 
 def sweep(args: list[str], env: dict[str, str] | None = None, timeout: float = 300):
-    """Run ``flexmoe-sweep`` (as ``python -m server_app.sweep``) and return the result."""
+    """Run ``flexmoe-sweep`` (as ``python -m flexmoe_launch.sweep``) and return the result."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return subprocess.run(
-        [sys.executable, "-m", "server_app.sweep", *args],
+        [sys.executable, "-m", "flexmoe_launch.sweep", *args],
         cwd=ROOT,
         env={**os.environ, "PATH": path, **(env or {})},
         capture_output=True,
@@ -318,7 +318,7 @@ _JOB = textwrap.dedent(
     """
     import os, subprocess, sys, time
     from pathlib import Path
-    from server_app.local_superlink import _start_watchdog
+    from flexmoe_launch.local_superlink import _start_watchdog
 
     home = Path(sys.argv[1])
     _start_watchdog(home)

@@ -25,7 +25,7 @@ from flexmoe_core.report import (
     run_objective,
     run_state,
 )
-from server_app.sweep import count_jobs
+from flexmoe_launch.sweep import count_jobs
 
 
 def fake_run(
@@ -174,7 +174,7 @@ def test_sweep_runs_one_flower_run_per_job_and_survives_a_failing_job(tmp_path: 
     command = [
         sys.executable,
         "-m",
-        "server_app.sweep",
+        "flexmoe_launch.sweep",
         "-m",
         "fitness.beta=0.5,7.0",  # 7.0 is invalid: that job fails, the other must not
         "num_clients=3",

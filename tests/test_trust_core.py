@@ -115,7 +115,7 @@ def test_an_attackers_influence_is_bounded_and_reported() -> None:
     note = outcome.bounded[0]
     assert "usage of expert" in note and "1e+09 -> 20" in note
     assert "backbone delta clipped" in note
-    assert state.records()[-1]["bounded"] == {"0": note}
+    assert state.records()[-1].trust.bounded == {"0": note}
     for name, value in state.global_arrays.items():
         if value.dtype.kind != "f":
             continue
@@ -131,7 +131,7 @@ def test_honest_rounds_report_no_bounds() -> None:
     for server_round in (1, 2):
         _, outcome = _round(state, server_round, declared={0: 20, 1: 21, 2: 22})
         assert outcome.bounded == {}
-    assert not any("bounded" in r for r in state.records())
+    assert not any(r.trust.bounded is not None for r in state.records())
 
 
 def test_stalled_run_stops_quoting_reasons_and_keeps_the_last_good_state() -> None:
@@ -172,11 +172,11 @@ def test_private_rounds_report_epsilon_and_repeat_after_a_restore() -> None:
     checkpoint = state.checkpoint(CAPACITIES)
     _round(state, 2)
     record = state.records()[-1]
-    assert record["dp_epsilon"] == pytest.approx(epsilon(0.5, 1.0, 2, 1e-5))
-    assert set(record["dp_noise_std"]) >= {"backbone"}
-    assert record["dp_noise_std"]["backbone"] == pytest.approx(0.5 * 1.0 / 3)
+    assert record.trust.dp_epsilon == pytest.approx(epsilon(0.5, 1.0, 2, 1e-5))
+    assert set(record.trust.dp_noise_std) >= {"backbone"}
+    assert record.trust.dp_noise_std["backbone"] == pytest.approx(0.5 * 1.0 / 3)
     summary = state.summary(CAPACITIES)
-    assert summary["dp_epsilon"] == record["dp_epsilon"] and summary["dp_delta"] == 1e-5
+    assert summary["dp_epsilon"] == record.trust.dp_epsilon and summary["dp_delta"] == 1e-5
     again = RoundState(config(overrides), initial_arrays())
     again.restore(checkpoint)
     _round(again, 2)

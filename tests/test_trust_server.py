@@ -84,10 +84,10 @@ def test_bounds_that_do_not_bind_change_no_number() -> None:
     off = "aggregation.max_examples_ratio=null aggregation.max_update_rms=null"
     unbounded = run_strategy(fast_config(off), make_grid(3))
     assert_same_arrays(bounded.global_arrays, unbounded.global_arrays)
-    assert not any("bounded" in r for r in bounded.history)
+    assert not any(r.trust.bounded is not None for r in bounded.history)
     # The clients declared their training examples at the query, as they train on.
     declared = {k: m.num_examples for k, m in bounded.roster.members.items()}
-    counts = [r["train_examples"] for r in bounded.history]
+    counts = [r.training.examples for r in bounded.history]
     assert all(n and n > 0 for n in declared.values())
     assert counts[0] == sum(declared.values())
 
@@ -114,7 +114,7 @@ def test_usage_1e9_and_weights_7_move_the_model_by_a_bounded_step(caplog) -> Non
     note = strategy.outcome.bounded[VICTIM_KEY]
     assert "usage of expert" in note and "1e+09 ->" in note and "delta clipped" in note
     assert f"node {VICTIM} (client {VICTIM_KEY})'s influence bounded: usage" in caplog.text
-    held = strategy.history[-1]["assignment"][str(VICTIM_KEY)]
+    held = strategy.history[-1].allocation.assignment[str(VICTIM_KEY)]
     moved = rms_changes(strategy.global_arrays, before)
     # Each delta is clipped to RMS 1 per element (aggregation.max_update_rms): the
     # aggregate of the backbone and of each expert moves no further, while the
@@ -143,11 +143,14 @@ def test_num_examples_1e15_with_a_constant_backbone_does_not_take_it_over() -> N
     strategy = run_strategy(cfg, grid)
     declared = strategy.roster.members[VICTIM_KEY].num_examples
     first, second = strategy.history
-    assert first["bounded"][str(VICTIM_KEY)].startswith(f"examples 1e+15 counted as {declared}")
+    assert first.trust.bounded[str(VICTIM_KEY)].startswith(f"examples 1e+15 counted as {declared}")
     # Every honest client trains and is accepted in the next round too (before the
     # bounds it failed with "training loss became nan").
-    assert first["accepted"] == second["accepted"] == 3 and second["failures"] == {}
-    assert 0.0 <= second["train_acc"] <= 1.0 and math.isfinite(second["train_loss"])
+    assert (
+        first.participation.accepted == second.participation.accepted == 3
+        and second.participation.failures == {}
+    )
+    assert 0.0 <= second.training.acc <= 1.0 and math.isfinite(second.training.loss)
     # Two rounds, each step clipped to RMS 1 per element: the backbone is not the
     # attacker's constant.
     assert rms_changes(strategy.global_arrays, before)[BACKBONE] <= 2.0 + 1e-5
@@ -215,13 +218,13 @@ def test_a_malformed_train_reply_is_a_named_failure_of_its_node(kind: str, caplo
     strategy = run_strategy(
         fast_config(num_rounds=2), make_grid(3, tamper=tamper_victim(in_round_2))
     )
-    why = strategy.history[-1]["failures"][str(VICTIM_KEY)]
+    why = strategy.history[-1].participation.failures[str(VICTIM_KEY)]
     assert why.startswith("rejected: malformed reply: ") and expected in why, why
-    assert strategy.history[-1]["accepted"] == 2
+    assert strategy.history[-1].participation.accepted == 2
     assert f"node {VICTIM} (client {VICTIM_KEY}) left out of this round" in caplog.text
     # Round 1's evaluation (made in round 2) counts the two good clients only.
-    assert strategy.history[0]["evaluated_clients"] == 2
-    assert 0.0 <= strategy.history[0]["local_acc"] <= 1.0
+    assert strategy.history[0].evaluation.clients == 2
+    assert 0.0 <= strategy.history[0].evaluation.local_acc <= 1.0
 
 
 @pytest.mark.parametrize(
@@ -237,7 +240,7 @@ def test_a_malformed_final_evaluation_is_refused_not_summarised(change, expected
     grid = make_grid(3, tamper=tamper_victim(change, train=False))
     strategy = run_strategy(fast_config(num_rounds=1), grid)
     last = strategy.history[-1]
-    assert last["evaluated_clients"] == 2 and 0.0 <= last["local_acc"] <= 1.0
+    assert last.evaluation.clients == 2 and 0.0 <= last.evaluation.local_acc <= 1.0
     assert f"node {VICTIM} (client {VICTIM_KEY})" in caplog.text and expected in caplog.text
 
 
@@ -254,7 +257,7 @@ def test_rounds_without_an_accepted_update_stop_the_run_as_failed(tmp_path: Path
     assert run_state(run_dir) == FAILED  # what the sweep and the report read
     checkpoint = load_checkpoint(checkpoint_path(run_dir))
     assert checkpoint.round == 1 and checkpoint.pending is not None  # round 2 left no trace
-    assert checkpoint.pending["accepted"] == 0
+    assert checkpoint.pending.participation.accepted == 0
 
 
 def test_a_missing_dataset_is_caught_before_round_1(tmp_path: Path) -> None:

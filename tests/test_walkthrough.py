@@ -23,7 +23,7 @@ from flower_processes import stop_flower
 from test_deployment import write_digits_folder
 
 from flexmoe_core.results import read_metrics
-from server_app import local_federation as fed
+from flexmoe_launch import local_federation as fed
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "deployment.md"
@@ -63,7 +63,7 @@ def test_the_walkthrough_is_all_there() -> None:
 
 
 ENTRY_POINTS = {
-    "flexmoe-federation": "server_app.local_federation:main",
+    "flexmoe-federation": "flexmoe_launch.local_federation:main",
     "flexmoe-export": "flexmoe_core.export:export_main",
     "flexmoe-predict": "flexmoe_core.export:predict_main",
 }
@@ -172,7 +172,7 @@ def _run_walkthrough(walk: Walkthrough) -> None:
     walk.run("device-install", timeout=1800)
     walk.run("operator-superlink")
     superlink = walk.pid("superlink.pid")
-    record = {"pid": superlink, "start_time": fed._start_time(superlink)}
+    record = {"pid": superlink, "start_time": fed.start_time(superlink)}
     record["log"] = str(home / "superlink.log")
     certs = home / "flexmoe-certs"
     fed.wait_for_superlink(walk.port, str(certs / "ca.pem"), 120, record)

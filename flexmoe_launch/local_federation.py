@@ -11,7 +11,7 @@ the work directory. The script writes a ``[superlink.<name>]`` entry to
     flwr run . flexmoe-local --stream --run-config 'overrides="num_clients=3"'
     flexmoe-federation stop /tmp/fed
 
-(``python scripts/local_federation.py`` is the same command from a checkout.)
+(``python -m flexmoe_launch.local_federation`` is the same command from a checkout.)
 
 ``add-node`` adds a SuperNode to a running federation (``--unregistered``: with a
 key the SuperLink does not know, to see it refused). ``kill-node`` ends a SuperNode
@@ -30,27 +30,32 @@ that Flower home, never by its name (another user's SuperLink is left alone).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import os
 import shlex
-import signal
-import socket
-import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import tomlkit
 
+from .processes import (
+    LOOPBACK,
+    Target,
+    alive,
+    descendants,
+    free_port,
+    kill,
+    start_time,
+    stop,
+    wait_for_health,
+)
+
 STATE_FILE = "federation.json"
-LOOPBACK = "127.0.0.1"
 DEFAULT_NAME = "flexmoe-local"
 # Written when $FLWR_HOME/config.toml does not exist yet: Flower's own default entry
 # for local simulations, so `flwr run .` keeps working next to ours.
@@ -60,13 +65,6 @@ LOCAL_SUPERLINK_LOG = Path("local-superlink") / "superlink.log"
 
 
 # ----------------------------------------------------------------- utilities
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
 def flwr_home() -> Path:
     """Return the Flower CLI's home (``$FLWR_HOME``, default ``~/.flwr``)."""
     return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser()
@@ -88,52 +86,6 @@ def process_env(home: Path) -> dict[str, str]:
     return env
 
 
-def _start_time(pid: int) -> int | None:
-    """Return the start time of ``pid`` in clock ticks since boot (None if gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 22; the command name (field 2) may hold spaces, so split after its ")".
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            kids.append(int(entry.name))
-    return kids
-
-
-def descendants(pid: int) -> list[int]:
-    """Return every live descendant of ``pid`` (children first found, depth first)."""
-    found, stack = [], [pid]
-    while stack:
-        for child in _children(stack.pop()):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def alive(pid: int, start_time: int | None = None) -> bool:
-    """Whether ``pid`` runs and, if given, is the process that started at ``start_time``."""
-    current = _start_time(pid)
-    if current is None:
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z" and (start_time is None or current == start_time)
-
-
 def spawn(command: list[str], log_path: Path, env: dict[str, str]) -> dict[str, Any]:
     """Start ``command`` in its own session, output to ``log_path``; return its record."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +100,7 @@ def spawn(command: list[str], log_path: Path, env: dict[str, str]) -> dict[str, 
         )
     return {
         "pid": process.pid,
-        "start_time": _start_time(process.pid),
+        "start_time": start_time(process.pid),
         "command": command,
         "log": str(log_path),
     }
@@ -313,21 +265,14 @@ def write_connection(home: Path, name: str, entry: dict[str, Any] | None) -> Pat
 # ----------------------------------------------------------------- readiness
 def wait_for_superlink(port: int, ca: str | None, timeout: float, record: dict) -> None:
     """Wait until the SuperLink answers ``/health`` (raises SystemExit on failure)."""
-    scheme = "https" if ca else "http"
-    context = ssl.create_default_context(cafile=ca) if ca else None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive(record["pid"], record["start_time"]):
-            raise SystemExit(f"The SuperLink exited; see {record['log']}")
-        try:
-            with urllib.request.urlopen(
-                f"{scheme}://{LOOPBACK}:{port}/health", timeout=1.0, context=context
-            ) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, ssl.SSLError):
-            pass
-        time.sleep(0.3)
+
+    def running() -> bool:
+        return alive(record["pid"], record["start_time"])
+
+    if wait_for_health(port, timeout, running, ca):
+        return
+    if not running():
+        raise SystemExit(f"The SuperLink exited; see {record['log']}")
     raise SystemExit(f"The SuperLink did not answer within {timeout:.0f} s; see {record['log']}")
 
 
@@ -568,12 +513,9 @@ def cmd_kill_node(args: argparse.Namespace) -> int:
     if not alive(record["pid"], record["start_time"]):
         print(f"{args.label} is not running")
         return 1
-    targets = [(c, _start_time(c)) for c in descendants(record["pid"])]
+    targets = [(c, start_time(c)) for c in descendants(record["pid"])]
     targets.insert(0, (record["pid"], record["start_time"]))
-    for pid, started in targets:
-        if alive(pid, started):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    kill(targets)
     print(f"{args.label}: killed (pid {record['pid']} and {len(targets) - 1} children)")
     return 0
 
@@ -606,23 +548,13 @@ def stop_processes(state: dict[str, Any], grace: float = 10.0) -> list[int]:
     A recorded pid is only signalled if it is still the process that was started
     (same start time), so a recycled pid of someone else's process is left alone.
     """
-    targets: list[tuple[int, int | None]] = []
+    targets: list[Target] = []
     # SuperNodes first, so they do not log connection errors for the SuperLink.
     for record in sorted(state["processes"], key=lambda r: r["role"] == "superlink"):
         if alive(record["pid"], record["start_time"]):
-            targets += [(child, _start_time(child)) for child in descendants(record["pid"])]
+            targets += [(child, start_time(child)) for child in descendants(record["pid"])]
             targets.append((record["pid"], record["start_time"]))
-    for pid, started in targets:
-        if alive(pid, started):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(alive(p, s) for p, s in targets):
-        time.sleep(0.2)
-    for pid, started in targets:
-        if alive(pid, started):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    stop(targets, grace)
     return [pid for pid, _ in targets]
 
 
@@ -668,7 +600,7 @@ def cmd_stop_local(args: argparse.Namespace) -> int:
     if not pids:
         print(f"No local SuperLink of FLWR_HOME={home} is running")
         return 0
-    processes = [{"pid": p, "start_time": _start_time(p), "role": "superlink"} for p in pids]
+    processes = [{"pid": p, "start_time": start_time(p), "role": "superlink"} for p in pids]
     stopped = stop_processes({"processes": processes})
     print(f"Stopped the local SuperLink of FLWR_HOME={home} (pids {', '.join(map(str, stopped))})")
     return 0

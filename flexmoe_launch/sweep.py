@@ -11,7 +11,7 @@ run. A job
 - runs in its own folder, ``<sweep dir>/<num>_<overrides>``, which is also the run's
   folder (``output_root``/``run_name``);
 - in simulation, uses a SuperLink of its own (own Flower home and port, see
-  :mod:`server_app.local_superlink`), so jobs can run side by side under the joblib
+  :mod:`flexmoe_launch.local_superlink`), so jobs can run side by side under the joblib
   or submitit launchers, and stops it when it ends;
 - is skipped when its folder already holds a completed run of the same overrides,
   and resumes from its checkpoint when an earlier attempt was interrupted
@@ -66,6 +66,7 @@ from flexmoe_core.report import (
 from flexmoe_core.results import CONFIG_FILE, METRICS_FILE
 
 from .local_superlink import SuperLinkError, private_superlink
+from .processes import stop_child
 
 ROUND_LINE = re.compile(r"\[round (\d+)/(\d+)\]")
 STATE_FILE = ".flexmoe_sweep.json"  # in the sweep dir: when this run of the sweep started
@@ -329,10 +330,7 @@ def _stream(
                 echo(line)
             return process.wait()
         finally:
-            if process.poll() is None:  # interrupted: do not leave `flwr run` behind
-                process.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(timeout=10)
+            stop_child(process, grace_s=10.0)  # interrupted: do not leave `flwr run` behind
 
 
 def start_over_without_checkpoint(job_dir: Path) -> bool:
@@ -390,8 +388,7 @@ def run_in_this_process(overrides: Sequence[str], log: Path, echo: Callable[[str
     1 when the run failed (its summary.json says why, as under ``flwr run``).
     """
     from flexmoe_core.config import load_config
-
-    from .inprocess import run_inprocess
+    from server_app.inprocess import run_inprocess
 
     # load_config composes with Hydra's global state, which this (Hydra) job's
     # launcher still needs for the jobs after this one.

@@ -18,7 +18,7 @@ silently ignored) or race for the port. Instead, each job
 
 A job killed before step 4 (SIGKILL, OOM killer) would leave its run going on in the
 background — and a re-run of the sweep would race it for the same run folder. So a
-small watchdog process (``python -m server_app.local_superlink --watch``) does step 4
+small watchdog process (``python -m flexmoe_launch.local_superlink --watch``) does step 4
 the moment the job process is gone (Linux: it finds the processes in ``/proc``).
 """
 
@@ -29,16 +29,15 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from .processes import free_port, stop, stop_child, wait_for_health
 
 PORT_ENV = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"  # read by `flwr run` (flwr.cli.constant)
 HOME_ENV = "FLWR_HOME"
@@ -55,22 +54,6 @@ class SuperLinkError(RuntimeError):
 def _executable(name: str) -> str:
     beside = Path(sys.executable).with_name(name)
     return str(beside) if beside.exists() else name
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def is_healthy(port: int) -> bool:
-    """Return whether a SuperLink answers ``/health`` on ``127.0.0.1:port``."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1.0) as reply:
-            return 200 <= reply.status < 300
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
 
 
 @contextlib.contextmanager
@@ -123,13 +106,10 @@ def _start(home: Path, env: Mapping[str, str], cwd: Path) -> tuple[subprocess.Po
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            deadline = time.monotonic() + STARTUP_TIMEOUT_S
-            while process.poll() is None and time.monotonic() < deadline:
-                if is_healthy(port):
-                    return process, port
-                time.sleep(0.25)
+            if wait_for_health(port, STARTUP_TIMEOUT_S, lambda p=process: p.poll() is None):
+                return process, port
         if process.poll() is None:  # neither healthy nor exited in time: give up
-            stop_child(process)
+            stop_child(process, STOP_GRACE_S)
             break
         # It exited: most likely another program took the port; try another one.
     log = home / "local-superlink" / LOG_NAME
@@ -140,46 +120,6 @@ def _start(home: Path, env: Mapping[str, str], cwd: Path) -> tuple[subprocess.Po
         + ")"
         + ("; its log ends with:\n" + "\n".join(tail) if tail else "")
     )
-
-
-def stop_child(process: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM a child process, then SIGKILL it if it is still alive after ``grace_s``."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def stop_processes(pids: Sequence[int], grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM ``pids`` (not our children), then SIGKILL those alive after ``grace_s``."""
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in pids:
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
 
 def pids_using_home(home: Path) -> list[int]:
@@ -206,7 +146,7 @@ def clean_up(home: Path, grace_s: float = 5.0) -> None:
         pids = pids_using_home(home)
         if not pids:
             break
-        stop_processes(pids, grace_s=grace_s)
+        stop([(pid, None) for pid in pids], grace_s)
     shutil.rmtree(home, ignore_errors=True)
 
 
@@ -216,7 +156,7 @@ def _start_watchdog(home: Path) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "server_app.local_superlink",
+            "flexmoe_launch.local_superlink",
             "--watch",
             str(os.getpid()),
             str(home),
@@ -278,13 +218,13 @@ def private_superlink(env: Mapping[str, str], cwd: Path) -> Iterator[LocalSuperL
         yield LocalSuperLink(home, port, process.pid)
     finally:
         if process is not None:
-            stop_child(process)
+            stop_child(process, STOP_GRACE_S)
         clean_up(home)  # SuperExec, ServerApp, Ray left behind; then the home
         stop_child(watchdog, grace_s=2.0)  # it also ends by itself once home is gone
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m server_app.local_superlink --watch PARENT_PID HOME`` (the watchdog)."""
+    """``python -m flexmoe_launch.local_superlink --watch PARENT_PID HOME`` (the watchdog)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--watch", nargs=2, metavar=("PARENT_PID", "HOME"), required=True)
     args = parser.parse_args(argv)

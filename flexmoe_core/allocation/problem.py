@@ -1,9 +1,9 @@
-"""The allocation problem's inputs and bounds, shared by the allocators and the solvers.
+"""The allocation problem: its inputs, load bounds, checks, errors and result.
 
-The load bounds, the checks of capacities and bounds, and the errors every allocator
-raises live here so that :mod:`flexmoe_core.allocation` (the allocators) and
-:mod:`flexmoe_core.allocation_fast` (the min-cost-flow solver) both build on them
-without importing each other in a circle.
+Every allocator maps (fitness Q of the round's participants, capacities k_c, the
+experts' historical load deficit H) to a 0/1 assignment X of shape (clients, E). What
+they all share lives here, so that the allocators (:mod:`.flex`, :mod:`.baselines`)
+and the solvers (:mod:`.flow`, :mod:`.lp`) build on it without importing each other.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -147,3 +148,46 @@ def infeasible_assignment_error(
         f"the solver found no assignment meeting capacities {capacities.tolist()} "
         f"and load bounds {bounds.lower.tolist()}..{bounds.upper.tolist()}"
     )
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One round's assignment and how it was found."""
+
+    assignment: np.ndarray  # (clients, E) bool
+    objective: float  # sum of Q over assigned pairs (without tie-breaking noise)
+    solve_time_s: float
+    method: str
+    bounds: LoadBounds | None = None
+
+
+class Allocator(Protocol):
+    """Interface shared by every assignment strategy."""
+
+    name: str
+
+    def __call__(
+        self,
+        fitness: np.ndarray,
+        capacities: np.ndarray,
+        deficit: np.ndarray,
+        rng: np.random.Generator,
+    ) -> Allocation:
+        """Return the assignment of this round."""
+        ...
+
+
+def assignment_objective(fitness: np.ndarray, assignment: np.ndarray) -> float:
+    """Return sum of Q over the assigned (client, expert) pairs."""
+    return float((fitness * assignment).sum())
+
+
+def update_deficit(deficit: np.ndarray, assignment: np.ndarray) -> np.ndarray:
+    """Return H + (L-bar - load_e): how far each expert's cumulative load lags the mean."""
+    loads = assignment.sum(axis=0)
+    return deficit + loads.mean() - loads
+
+
+def tie_break(fitness: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """Return Q plus seeded uniform noise of scale ``noise``, so that ties fall by the seed."""
+    return fitness + noise * rng.random(fitness.shape) if noise > 0 else fitness
