@@ -4,7 +4,7 @@ Threat model
 ------------
 The server is trusted; a minority of participants may be malicious or broken. They
 control everything they send: arrays (any finite values; NaN/Inf, wrong shapes and
-unassigned experts are refused by :func:`check_update`), the example count and the
+unassigned experts are refused by :mod:`flexmoe_core.reply_gate`), the example count and the
 per-expert feedback (usage, accuracy, loss). Without bounds, the weighted average hands
 such a client the model: ``usage = 1e9`` makes its copy of every expert it holds the
 new expert, and ``num_examples = 1e15`` its backbone the new backbone.
@@ -446,7 +446,7 @@ def aggregate_bounded(
     global_arrays : mapping
         The current global backbone and all experts.
     updates : sequence of ClientUpdate
-        Accepted updates (passed :func:`check_update`), in a fixed order (the float
+        Accepted updates (judged by :mod:`flexmoe_core.reply_gate`), in a fixed order (the float
         sums depend on it).
     policy : AggregationPolicy, optional
         Default: ``AggregationPolicy()`` (the configuration's defaults).
@@ -517,48 +517,3 @@ def aggregate(
     """
     policy = policy or AggregationPolicy(expert_weighting=expert_weighting)
     return aggregate_bounded(global_arrays, updates, policy, declared_examples).arrays
-
-
-def check_update(
-    update: ClientUpdate,
-    global_arrays: Mapping[str, np.ndarray],
-    assigned: Sequence[int],
-) -> list[str]:
-    """Return what is wrong with a client's update (empty if it can be aggregated).
-
-    Checks that it carries exactly the backbone and its assigned experts, with the
-    global shapes and dtypes, finite values, no negative BatchNorm variance, a
-    positive example count, and feedback for every assigned expert.
-    """
-    problems: list[str] = []
-    assigned_set = {int(e) for e in assigned}
-    expected = {
-        name
-        for name in global_arrays
-        if (key := split_expert_key(name)) is None or key[0] in assigned_set
-    }
-    if extra := sorted(set(update.arrays) - expected):
-        experts = sorted({k[0] for n in extra if (k := split_expert_key(n))})
-        problems.append(
-            f"unexpected arrays {extra[:3]}"
-            + (f" (experts {experts} were not assigned)" if experts else "")
-        )
-    if missing := sorted(expected - set(update.arrays)):
-        problems.append(f"missing arrays {missing[:3]}")
-    for name in sorted(expected & set(update.arrays)):
-        got, ref = update.arrays[name], global_arrays[name]
-        if got.shape != ref.shape or got.dtype != ref.dtype:
-            problems.append(
-                f"{name}: got {got.dtype}{list(got.shape)}, expected {ref.dtype}{list(ref.shape)}"
-            )
-        elif np.issubdtype(got.dtype, np.floating) and not np.isfinite(got).all():
-            problems.append(f"{name}: contains NaN or Inf")
-        elif name.endswith(VARIANCE_SUFFIX) and (got < 0).any():
-            problems.append(f"{name}: a negative variance")
-    if update.num_examples <= 0:
-        problems.append(f"num_examples={update.num_examples} must be positive")
-    if missing_fb := sorted(assigned_set - set(update.feedback)):
-        problems.append(f"no feedback for experts {missing_fb}")
-    if extra_fb := sorted(set(update.feedback) - assigned_set):
-        problems.append(f"feedback for unassigned experts {extra_fb}")
-    return problems

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .records import Loads, Scores
+from .robust import REPORT_RATIO, REPORT_TRIM, example_cap, low_median, summarise_clients
 
 
 def load_stats(loads: np.ndarray) -> dict[str, float]:
@@ -91,10 +92,17 @@ def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
 def summarise_evaluations(
     evaluations: Sequence[Mapping[str, tuple[int, float, float]]],
 ) -> Scores:
-    """Average personalised evaluations over clients, weighted by each split's size.
+    """Average personalised evaluations over clients, each client's say bounded.
 
-    Each evaluation maps a split (``local``, ``global``) to (examples, loss, accuracy).
-    Returns ``<split>_acc``, ``<split>_loss``, and the spread over clients
+    Each evaluation maps a split (``local``, ``global``) to (examples, loss, accuracy),
+    its counts already capped by what the client can hold
+    (:mod:`flexmoe_core.reply_gate`). Counts are also capped by the round's: the
+    federation's fence for the local splits (:func:`~flexmoe_core.robust.example_cap`),
+    the low median for the global split (every client evaluates the same subset). Then
+    the most and least accurate :func:`~flexmoe_core.robust.trim_count` clients are
+    dropped and the rest averaged by their counts (:data:`REPORT_TRIM`), so one client
+    claiming a perfect score moves the figure by a trimmed share at most. Returns
+    ``<split>_acc``, ``<split>_loss``, and the spread over the clients kept
     ``<split>_acc_min`` and ``<split>_acc_std``, for every split some client measured.
     """
     out: dict[str, float] = {}
@@ -102,12 +110,13 @@ def summarise_evaluations(
         rows = [e[split] for e in evaluations if split in e and e[split][0] > 0]
         if not rows:
             continue
-        weights = np.array([num for num, _, _ in rows], dtype=float)
-        accuracies = [acc for _, _, acc in rows]
-        out[f"{split}_acc"] = float(np.average(accuracies, weights=weights))
-        out[f"{split}_loss"] = float(np.average([loss for _, loss, _ in rows], weights=weights))
-        out[f"{split}_acc_min"] = float(np.min(accuracies))
-        out[f"{split}_acc_std"] = float(np.std(accuracies))
+        counts = [float(num) for num, _, _ in rows]
+        cap = low_median(counts) if split == "global" else example_cap(counts, REPORT_RATIO)
+        summary = summarise_clients(rows, [cap] * len(rows), REPORT_TRIM)
+        out[f"{split}_acc"] = summary["acc"]
+        out[f"{split}_loss"] = summary["loss"]
+        out[f"{split}_acc_min"] = summary["acc_min"]
+        out[f"{split}_acc_std"] = summary["acc_std"]
     return Scores(**out)
 
 

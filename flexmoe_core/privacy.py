@@ -176,7 +176,7 @@ def private_aggregate(
     global_arrays : mapping
         The current global backbone and all experts.
     updates : sequence of ClientUpdate
-        Accepted updates (passed ``check_update``).
+        Accepted updates (judged by :mod:`flexmoe_core.reply_gate`).
     policy : PrivacyPolicy
         Clip norm, noise multiplier and the backbone's share of the clip.
     rng : numpy.random.Generator

@@ -155,6 +155,9 @@ class Trust:
     """What limited the clients' influence: the aggregation's bounds, or privacy."""
 
     bounded: dict[str, str] | None = None  # client key -> what the bounds cut
+    # client key -> {figure: what it claimed}, only where the claim was cut: the
+    # record's figures (train_examples, load_samples, evaluations) are as counted.
+    claims: dict[str, dict[str, float]] | None = None
     dp_noise_std: dict[str, float] | None = None  # released group -> noise std
     dp_epsilon: float | None = None  # after this round
 

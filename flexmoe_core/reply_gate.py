@@ -29,8 +29,9 @@ import numpy as np
 
 from . import protocol as proto
 from .aggregation import VARIANCE_SUFFIX, ClientUpdate
+from .data.partition import largest_local_test
 from .model import split_expert_key
-from .round_state import ClientReply, RoundPlan
+from .round_io import ClientReply, RoundPlan
 
 # The .npy header of one array: Flower serialises each array with np.save (a 128-byte
 # header for any shape this project uses; 64 KiB is the format's own limit).
@@ -52,6 +53,18 @@ class EvaluationCaps:
 
     local: int | None = None
     global_: int | None = None
+
+    @classmethod
+    def for_client(
+        cls, declared_examples: int | None, local_test_fraction: float, global_max_samples: int
+    ) -> EvaluationCaps:
+        """Return the caps of a client that declared ``declared_examples`` training examples."""
+        return cls(
+            None
+            if declared_examples is None
+            else largest_local_test(declared_examples, local_test_fraction),
+            global_max_samples if global_max_samples > 0 else None,
+        )
 
     def of(self, split: str) -> int | None:
         """Return the cap of ``split``."""

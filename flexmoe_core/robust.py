@@ -26,6 +26,10 @@ MIN_TRIMMED = 3
 MIN_FOR_FENCE = 4
 FENCE_IQRS = 3.0  # "far out" in Tukey's terms
 FENCE_FLOOR_MEDIANS = 2.0
+# Reported averages over clients (accuracy, loss): the share of clients trimmed at each
+# end (at least one from 3 clients), and the cap on a client's count in round medians.
+REPORT_TRIM = 0.2
+REPORT_RATIO = 10.0
 
 
 def low_median(values: Sequence[float]) -> float:

@@ -32,6 +32,7 @@ from .records import (
     Traffic,
     Training,
 )
+from .robust import REPORT_TRIM, trim_count, trimmed_average
 
 NO_REPLY = "no reply within the round timeout"
 # Distinct failure reasons quoted when a run stops for lack of accepted updates.
@@ -114,6 +115,7 @@ class ClientReply:
     heldout: dict[int, ExpertFeedback] | None = None
     trained_evaluation: dict[str, tuple[int, float, float]] | None = None
     timings: dict[str, float] = field(default_factory=dict)  # protocol.CLIENT_PHASES, s
+    claims: dict[str, float] = field(default_factory=dict)  # evaluation counts cut: claimed
 
 
 @dataclass
@@ -144,11 +146,24 @@ class RoundOutcome:
     bounded: dict[int, str] = field(default_factory=dict)
 
 
+def claims_of(accepted: list[ClientReply], counted: list[float]) -> dict[str, dict[str, float]]:
+    """Return, per client key, the claims that were cut: examples, evaluation counts."""
+    claims: dict[str, dict[str, float]] = {}
+    for reply, count in zip(accepted, counted, strict=True):
+        cut = dict(reply.claims)
+        if reply.update is not None and count < reply.update.num_examples:
+            cut["train_examples"] = reply.update.num_examples
+        if cut:
+            claims[str(reply.key)] = cut
+    return claims
+
+
 def round_record(
     plan: RoundPlan,
     results: RoundResults,
     failures: Mapping[int, str],
     accepted: list[ClientReply],
+    counted: list[float],
     *,
     strategy: str,
     allocation: AllocationRecord,
@@ -156,8 +171,10 @@ def round_record(
 ) -> RoundRecord:
     """Return a closed round's record (its evaluation comes later: :func:`complete_record`).
 
-    ``accepted`` are the replies whose updates were aggregated, in client-key order;
-    the training figures are their averages weighted by their examples.
+    ``accepted`` are the replies whose updates were aggregated, in client-key order,
+    ``counted`` their examples as the aggregation counted them; the training figures
+    are their averages weighted by those counts, the most and least extreme clients
+    trimmed (:func:`~flexmoe_core.robust.trimmed_average`).
     """
     updates = [r.update for r in accepted if r.update is not None]
     training = Training(
@@ -166,10 +183,10 @@ def round_record(
         )
     )
     if updates:
-        weights = np.array([u.num_examples for u in updates], dtype=float)
-        training.loss = float(np.average([r.train_loss for r in accepted], weights=weights))
-        training.acc = float(np.average([r.train_acc for r in accepted], weights=weights))
-        training.examples = int(weights.sum())
+        cut = trim_count(len(accepted), REPORT_TRIM)
+        training.loss = trimmed_average([r.train_loss for r in accepted], counted, cut)
+        training.acc = trimmed_average([r.train_acc for r in accepted], counted, cut)
+        training.examples = round(sum(counted))
     return RoundRecord(
         round=plan.round,
         strategy=strategy,

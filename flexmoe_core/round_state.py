@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from .aggregation import AggregationPolicy, ClientUpdate, aggregate_bounded, check_update
+from .aggregation import AggregationPolicy, ClientUpdate, aggregate_bounded, bounded_counts
 from .allocation import make_allocator, oracle_fitness, update_deficit
 from .backoff import BackoffPolicy, benched, leave_out
 from .checkpoint import ServerCheckpoint
@@ -62,6 +62,7 @@ from .round_io import (
     RoundResults,
     RunFailedError,
     add_evaluation_traffic,
+    claims_of,
     complete_record,
     evaluates_in,
     round_record,
@@ -241,8 +242,8 @@ class RoundState:
     def close(self, plan: RoundPlan, results: RoundResults) -> RoundOutcome:
         """Aggregate the round, update fitness and loads, and make its record.
 
-        A participant that failed, did not reply or sent an update that
-        :func:`~flexmoe_core.aggregation.check_update` rejects is left out: its experts
+        A participant that failed, did not reply or sent a reply that
+        :func:`~flexmoe_core.reply_gate.judge_reply` rejected is left out: its experts
         keep their values unless another holder returned them, its fitness row is
         untouched, and its evaluation is not counted.
 
@@ -256,19 +257,12 @@ class RoundState:
             return RoundOutcome([], dict(results.failures), self._close_evaluation(results))
         start = time.perf_counter()
         failures = {k: why for k, why in results.failures.items() if k in plan.experts}
-        accepted: list[ClientReply] = []
-        for reply in sorted(results.replies, key=lambda r: r.key):
-            if reply.key not in plan.experts or reply.key in failures or reply.update is None:
-                continue
-            experts = plan.experts[reply.key]
-            problems = check_update(reply.update, self.global_arrays, experts)
-            measured = sorted(reply.heldout or {})
-            if plan.heldout_feedback and measured != sorted(experts):
-                problems.append(f"held-out feedback for experts {measured}, but it holds {experts}")
-            if problems:
-                failures[reply.key] = "rejected: " + "; ".join(problems)
-                continue
-            accepted.append(reply)
+        # The replies were judged by flexmoe_core.reply_gate: what reaches here is whole.
+        accepted = [
+            r
+            for r in sorted(results.replies, key=lambda r: r.key)
+            if r.key in plan.experts and r.key not in failures and r.update is not None
+        ]
         done = set(failures) | {r.key for r in accepted}
         failures.update({k: NO_REPLY for k in plan.experts if k not in done})
         if not accepted:
@@ -276,10 +270,14 @@ class RoundState:
         updates = [r.update for r in accepted if r.update is not None]
         trust = self._aggregate(plan.round, updates, results.declared_examples)
         self._update_fitness(accepted)
+        # What the clients' counts may weigh (claims beyond it are cut): the record
+        # stores the counted figures, and the claims beside them where they were cut.
+        counted, usages = bounded_counts(updates, self.policy, results.declared_examples)
         routed = np.zeros(self.num_experts)
-        for update in updates:
-            for expert, fb in update.feedback.items():
-                routed[expert] += fb.usage
+        for usage in usages:
+            for expert, value in usage.items():
+                routed[expert] += value
+        trust.claims = claims_of(accepted, counted) or None
         assert plan.allocation is not None
         self.deficit = update_deficit(self.deficit, plan.allocation.assignment)
         finished = []
@@ -287,7 +285,7 @@ class RoundState:
             evaluations = [r.evaluation for r in accepted if r.evaluation]
             finished.append(complete_record(self.pending, evaluations))
             self.pending = None
-        record = self._record(plan, results, failures, accepted, routed)
+        record = self._record(plan, results, failures, accepted, routed, counted)
         record.trust = trust
         self.holding.update({r.key: plan.experts[r.key] for r in accepted})
         record.timing.server_s = (record.timing.server_s or 0.0) + time.perf_counter() - start
@@ -390,6 +388,7 @@ class RoundState:
         failures: Mapping[int, str],
         accepted: list[ClientReply],
         routed: np.ndarray,
+        counted: list[float],
     ) -> RoundRecord:
         """Make the round's record: the state's figures here, the replies' in round_io."""
         allocation = plan.allocation
@@ -404,6 +403,7 @@ class RoundState:
             results,
             failures,
             accepted,
+            counted,
             strategy=self.allocator.name,
             allocation=AllocationRecord(
                 assignment={str(k): e for k, e in plan.experts.items()},

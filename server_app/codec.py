@@ -18,8 +18,8 @@ from flwr.app import (
 from flwr.serverapp.strategy import Result
 
 from flexmoe_core import protocol as proto
-from flexmoe_core.aggregation import ClientUpdate
 from flexmoe_core.records import RoundRecord
+from flexmoe_core.reply_gate import EvaluationCaps, judge_reply
 from flexmoe_core.round_io import ClientReply, RoundPlan
 
 # Flower's error code of the replies the SuperLink makes for a message whose node
@@ -144,54 +144,20 @@ def decode_info(reply: Message) -> proto.NodeInfo:
         raise ValueError(f"malformed capacity answer: {_problem(err)}") from None
 
 
-def decode_reply(reply: Message, key: int, plan: RoundPlan) -> ClientReply:
-    """Return a train (or evaluation-only) reply to ``plan``'s message as the round state reads it.
+def decode_reply(
+    reply: Message,
+    key: int,
+    plan: RoundPlan,
+    global_arrays: Mapping[str, np.ndarray],
+    caps: EvaluationCaps,
+) -> ClientReply:
+    """Return a train (or evaluation-only) reply as the round state reads it, judged.
 
-    Every record the message asked for must be there and every field in range (see
-    :mod:`flexmoe_core.protocol`): ``arrays``, ``metrics`` and ``feedback`` after
-    training, ``evaluation`` (with the local split) when an evaluation was asked, the
-    held-out feedback when the fitness is measured there (``plan.heldout_feedback``).
-    The evaluation of the trained model is optional.
-
-    Raises
-    ------
-    ValueError
-        If the reply is malformed (it is then rejected with this reason).
+    The judging is the core's (:func:`flexmoe_core.reply_gate.judge_reply`): sizes
+    before decoding, then values and fields. Raises ``ValueError``
+    (:class:`~flexmoe_core.reply_gate.ReplyRejectedError`) with every reason found.
     """
-    trained, evaluated, heldout = plan.trains, plan.evaluates is not None, plan.heldout_feedback
-    try:
-        content = reply.content
-        evaluation = None
-        if evaluated:
-            evaluation = proto.decode_evaluation(content[proto.EVALUATION])
-            if "local" not in evaluation:
-                raise ValueError("the evaluation lacks the local split")
-        if not trained:
-            return ClientReply(key, evaluation=evaluation)
-        num_examples, loss, accuracy = proto.decode_train_metrics(content[proto.METRICS])
-        update = ClientUpdate(
-            key,
-            {name: to_numpy(array) for name, array in content[proto.ARRAYS].items()},
-            num_examples,
-            proto.decode_feedback(content[proto.FEEDBACK]),
-        )
-        held_out = proto.decode_feedback(content[proto.HELDOUT_FEEDBACK]) if heldout else None
-        trained_evaluation = None
-        if proto.TRAINED_EVALUATION in content:
-            trained_evaluation = proto.decode_evaluation(content[proto.TRAINED_EVALUATION])
-        timings = proto.decode_timings(content.get(proto.TIMINGS))
-        return ClientReply(
-            key,
-            update,
-            loss,
-            accuracy,
-            evaluation,
-            heldout=held_out,
-            trained_evaluation=trained_evaluation,
-            timings=timings,
-        )
-    except proto.DECODE_ERRORS as err:
-        raise ValueError(f"malformed reply: {_problem(err)}") from None
+    return judge_reply(reply.content, key, plan, global_arrays, caps, to_numpy)
 
 
 def result_from_records(arrays: ArrayRecord, records: Iterable[RoundRecord]) -> Result:

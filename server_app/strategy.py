@@ -25,6 +25,7 @@ from flexmoe_core import protocol as proto
 from flexmoe_core.checkpoint import ServerCheckpoint, save_checkpoint
 from flexmoe_core.config import to_container
 from flexmoe_core.records import TIMING_KEYS, RoundRecord, headline
+from flexmoe_core.reply_gate import EvaluationCaps
 from flexmoe_core.results import RunRecorder, run_status
 from flexmoe_core.roster import Roster
 from flexmoe_core.round_state import RoundOutcome, RoundPlan, RoundResults, RoundState
@@ -153,8 +154,13 @@ class FlexMoEStrategy(Strategy):
                 results.bytes_received[key] = record_bytes(reply.content[proto.ARRAYS])
             if proto.INFO in reply.content:  # a client may report a new capacity
                 self.membership.report_capacity(key, reply)
+            caps = EvaluationCaps.for_client(
+                results.declared_examples.get(key),
+                float(self.cfg.partition.local_test_fraction),
+                int(self.cfg.evaluate.global_max_samples),
+            )
             try:
-                results.replies.append(decode_reply(reply, key, plan))
+                results.replies.append(decode_reply(reply, key, plan, self.global_arrays, caps))
             except ValueError as err:
                 results.failures[key] = f"rejected: {err}"
         answered = {r.key for r in results.replies} | set(results.failures)

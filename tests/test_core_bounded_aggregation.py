@@ -7,23 +7,30 @@ import math
 import numpy as np
 import pytest
 
+from flexmoe_core import protocol
 from flexmoe_core.aggregation import (
     AggregationPolicy,
     ClientUpdate,
     aggregate,
     aggregate_bounded,
     bounded_counts,
-    check_update,
     group_sizes,
-    low_median,
     weighted_mean,
 )
 from flexmoe_core.config import load_config
 from flexmoe_core.fitness import ExpertFeedback
+from flexmoe_core.robust import low_median
 
 RMS = 1.0  # the default max_update_rms
 EXPERT = "experts.0.0.weight"
-NO_CLIP = AggregationPolicy(max_examples_ratio=None, max_update_rms=None)
+# The plain weighted mean: no count cap, no clip, no trimming.
+NO_CLIP = AggregationPolicy(
+    method="mean",
+    max_examples_ratio=None,
+    max_update_rms=None,
+    clip_multiple=None,
+    reject_multiple=None,
+)
 
 
 def unbounded(global_arrays: dict, updates: list[ClientUpdate]) -> dict[str, np.ndarray]:
@@ -80,11 +87,13 @@ def rms_distance(a: dict, b: dict, prefix: str) -> float:
 def test_honest_round_is_unchanged_bit_for_bit() -> None:
     global_arrays = model()
     updates = [honest(c, global_arrays, experts=(0, 1) if c % 2 else (0,)) for c in range(5)]
-    bounded = aggregate_bounded(global_arrays, updates, AggregationPolicy(top_k=2))
+    # Under the weighted mean, bounds that do not bind change no bit (the default,
+    # method=auto, also trims each coordinate's extremes: tests of it are below).
+    mean = AggregationPolicy(top_k=2, method="mean")
+    bounded = aggregate_bounded(global_arrays, updates, mean)
     assert bounded.report.clients() == []
-    # The call the strategy makes today, and the maths before bounds, agree exactly.
     reference = unbounded(global_arrays, updates)
-    for result in (aggregate(global_arrays, updates, "usage"), bounded.arrays):
+    for result in (aggregate(global_arrays, updates, policy=mean), bounded.arrays):
         for name in global_arrays:
             assert result[name].dtype == global_arrays[name].dtype
             np.testing.assert_array_equal(result[name], reference[name], err_msg=name)
@@ -132,10 +141,12 @@ def test_num_examples_1e15_cannot_take_over_the_backbone(declared: bool) -> None
     assert np.abs(poisoned["backbone.w"]).max() < 1e-9  # taken over unbounded
 
     declared_examples = {c: 100 for c in (0, 1, 2, 3, 9)} if declared else None
-    result = aggregate_bounded(
-        global_arrays, updates, AggregationPolicy(top_k=2), declared_examples
-    )
-    counted = 100.0 if declared else 10.0 * 100  # declared, else 10 x the low median
+    # The count caps alone: the weighted mean, the absolute clip only.
+    mean = AggregationPolicy(top_k=2, method="mean", clip_multiple=None, reject_multiple=None)
+    result = aggregate_bounded(global_arrays, updates, mean, declared_examples)
+    # Declared, else the fence of the reported counts (Q3 + 3 IQR, at least twice the
+    # median): one claim moves neither.
+    counted = 100.0 if declared else 2.0 * 100
     assert result.report.examples[9] == (1e15, counted)
     share = counted / (counted + 4 * 100)
     honest_only = aggregate(global_arrays, honest_updates, policy=NO_CLIP)
@@ -144,7 +155,14 @@ def test_num_examples_1e15_cannot_take_over_the_backbone(declared: bool) -> None
     np.testing.assert_allclose(
         result.arrays["backbone.w"], (1 - share) * honest_only["backbone.w"], rtol=1e-5
     )
-    assert share <= (0.2 if declared else 0.72)
+    assert share <= (0.2 if declared else 0.34)
+    # The default also trims each coordinate's extremes: closer still to the honest mean.
+    auto = aggregate_bounded(global_arrays, updates, AggregationPolicy(top_k=2), declared_examples)
+    honest_w = honest_only["backbone.w"]
+    assert (
+        np.abs(auto.arrays["backbone.w"] - honest_w).max()
+        < np.abs(result.arrays["backbone.w"] - honest_w).max()
+    )
 
 
 @pytest.mark.parametrize("method", ["median", "trimmed_mean"])
@@ -238,7 +256,8 @@ def test_policy_defaults_are_the_configuration_defaults() -> None:
     assert (policy.method, policy.max_update_rms) == ("median", None)
 
 
-def test_check_update_still_refuses_nonpositive_examples() -> None:
-    global_arrays = model()
-    update = honest(1, global_arrays, examples=0)
-    assert any("num_examples" in p for p in check_update(update, global_arrays, [0]))
+def test_nonpositive_examples_are_refused_where_replies_are_read() -> None:
+    # One place judges the count: the protocol's decoder (examples in [1, 2^53]).
+    metrics = {protocol.NUM_EXAMPLES: 0, protocol.TRAIN_LOSS: 0.5, protocol.TRAIN_ACC: 0.5}
+    with pytest.raises(ValueError, match="num-examples=0 is not in"):
+        protocol.decode_train_metrics(metrics)

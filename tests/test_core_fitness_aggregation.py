@@ -12,13 +12,20 @@ from flexmoe_core.aggregation import (
     AggregationPolicy,
     ClientUpdate,
     aggregate,
-    check_update,
     weighted_mean,
 )
 from flexmoe_core.fitness import ExpertFeedback, FitnessTable
+from flexmoe_core.reply_gate import check_update
 
 # These tests use deltas far larger than SGD makes, which the default bounds would clip.
-NO_CLIP = AggregationPolicy(max_examples_ratio=None, max_update_rms=None)
+# The plain weighted mean: no count cap, no clip, no trimming.
+NO_CLIP = AggregationPolicy(
+    method="mean",
+    max_examples_ratio=None,
+    max_update_rms=None,
+    clip_multiple=None,
+    reject_multiple=None,
+)
 
 
 def fb(usage: float, acc: float = 0.5, loss: float = 1.0) -> ExpertFeedback:
