@@ -264,7 +264,7 @@ def test_supernodes_get_their_capacity_and_a_killed_one_comes_back(
             text=True,
         )
         try:
-            deadline = time.monotonic() + 240
+            deadline = time.monotonic() + 420  # a loaded machine is slower
             while time.monotonic() < deadline and flwr.poll() is None:
                 path = checkpoint_path(run_dir)
                 if path.is_file() and load_checkpoint(path).round >= 1:
@@ -276,7 +276,7 @@ def test_supernodes_get_their_capacity_and_a_killed_one_comes_back(
             assert killed.returncode == 0, killed.stdout + killed.stderr
             restarted = script(env, "restart-node", str(workdir), "node-1")
             assert restarted.returncode == 0, restarted.stdout + restarted.stderr + _logs(workdir)
-            flwr.wait(timeout=300)
+            flwr.wait(timeout=480)
         finally:
             if flwr.poll() is None:
                 flwr.kill()
@@ -294,13 +294,14 @@ def test_supernodes_get_their_capacity_and_a_killed_one_comes_back(
     first = failed[0]
     reason = records[first - 1]["failures"]["1"]
     assert "node unavailable" in reason or "no reply" in reason, reason
-    # The restarted SuperNode claimed client 1 back and trains again within two rounds.
+    # The restarted SuperNode was asked while the failed round waited, claimed client 1
+    # once its old node was delisted, and trains again in the next round.
     back = [
         r["round"]
         for r in records
         if r["round"] > first and "1" in r["assignment"] and "1" not in r["failures"]
     ]
-    assert back and back[0] <= first + 2, records
+    assert back and back[0] == first + 1, records
     assert "Client 1 rejoined on node" in output
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["capacities"] == {"0": 1, "1": 2, "2": 4}

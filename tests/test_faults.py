@@ -193,25 +193,25 @@ class VirtualClockGrid(InProcessGrid):
     """Honours the round timeout against the time clients *would* have slept.
 
     ``client_app``'s ``time.sleep`` is replaced by a virtual clock, so a straggler
-    costs no real time; a reply whose client slept longer than the timeout is lost,
-    as the real Grid loses a reply that arrives after ``send_and_receive`` returned.
+    costs no real time; a reply whose client slept longer than ``timeout`` is lost, as
+    a reply is that arrives after the round stopped waiting.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, timeout: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.slept = 0.0
+        self.slept, self.timeout = 0.0, timeout
 
     def sleep(self, seconds: float) -> None:
         self.slept += seconds
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        ids = []
         for message in messages:
             self.slept = 0.0
-            got = super().send_and_receive([message], timeout=timeout)
-            if timeout is None or self.slept <= timeout:
-                replies.extend(got)
-        return replies
+            ids += super().push_messages([message])
+            if self.slept > self.timeout:
+                self._replies.pop(ids[-1], None)  # it comes after the round has closed
+        return ids
 
 
 @pytest.mark.parametrize("straggle_s", [5.0, 50.0])
@@ -226,7 +226,7 @@ def test_stragglers_past_the_timeout_are_left_out(monkeypatch, straggle_s: float
         f"seed={seed} faults.straggle_prob=0.5 faults.straggle_s={straggle_s} timeouts.round_s=10",
         num_rounds=1,
     )
-    grid = VirtualClockGrid(client_module.app, node_configs(3))
+    grid = VirtualClockGrid(client_module.app, node_configs(3), timeout=10)
     monkeypatch.setattr(client_module.time, "sleep", grid.sleep)
     strategy = FlexMoEStrategy(cfg)
     strategy.start(grid, to_array_record(initial_arrays(cfg)), num_rounds=1, timeout=10)
