@@ -121,6 +121,11 @@ def array_problems(record: Mapping[str, Any], expected: Mapping[str, np.ndarray]
     return problems
 
 
+def _is_array(value: Any) -> bool:
+    """Whether ``value`` looks like an array (an ndarray or a message's Array)."""
+    return all(hasattr(value, attribute) for attribute in ("dtype", "shape"))
+
+
 def value_problems(arrays: Mapping[str, np.ndarray]) -> list[str]:
     """Say which decoded arrays hold NaN/Inf or a negative BatchNorm variance."""
     problems = []
@@ -209,6 +214,8 @@ def judge_reply(
         experts = plan.experts[key]
         expected = expected_arrays(global_arrays, experts)
         record = content[proto.ARRAYS]
+        if not_arrays := sorted(n for n, a in record.items() if not _is_array(a)):
+            raise ReplyRejectedError(f"malformed reply: {not_arrays[:3]} are not arrays")
         if problems := array_problems(record, expected):
             raise ReplyRejectedError("; ".join(problems))
         arrays = {name: decode(array) for name, array in record.items()}

@@ -192,7 +192,7 @@ MALFORMED: dict[str, tuple[Callable[[Message], None], str]] = {
     ),
     "arrays of the wrong kind": (
         lambda r: r.content.__setitem__(proto.ARRAYS, ConfigRecord({"a": "b"})),
-        "unexpected arrays ['a']; missing arrays",
+        "['a'] are not arrays",
     ),
     "no evaluation record": (_evaluation(None), "no 'evaluation' in the reply"),
     "evaluation accuracy 50": (
