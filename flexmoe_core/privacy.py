@@ -55,7 +55,8 @@ from typing import Any
 
 import numpy as np
 
-from .aggregation import BACKBONE, VARIANCE_SUFFIX, ClientUpdate, group_of
+from .aggregation import ClientUpdate
+from .update_bounds import BACKBONE, VARIANCE_SUFFIX, group_of
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 
 from . import protocol as proto
-from .aggregation import VARIANCE_SUFFIX, ClientUpdate
+from .aggregation import ClientUpdate
 from .data.partition import largest_local_test
 from .model import split_expert_key
 from .round_io import ClientReply, RoundPlan
+from .update_bounds import VARIANCE_SUFFIX
 
 # The .npy header of one array: Flower serialises each array with np.save (a 128-byte
 # header for any shape this project uses; 64 KiB is the format's own limit).

@@ -14,12 +14,12 @@ from flexmoe_core.aggregation import (
     aggregate,
     aggregate_bounded,
     bounded_counts,
-    group_sizes,
     weighted_mean,
 )
 from flexmoe_core.config import load_config
 from flexmoe_core.fitness import ExpertFeedback
 from flexmoe_core.robust import low_median
+from flexmoe_core.update_bounds import group_sizes
 
 RMS = 1.0  # the default max_update_rms
 EXPERT = "experts.0.0.weight"

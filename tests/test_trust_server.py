@@ -21,12 +21,12 @@ from run_helpers import (
 )
 
 from flexmoe_core import protocol as proto
-from flexmoe_core.aggregation import BACKBONE, group_of
 from flexmoe_core.checkpoint import checkpoint_path, load_checkpoint
 from flexmoe_core.model import split_expert_key
 from flexmoe_core.report import FAILED, run_state
 from flexmoe_core.results import SUMMARY_FILE, read_metrics
 from flexmoe_core.round_state import RunFailedError
+from flexmoe_core.update_bounds import BACKBONE, group_of
 from server_app.app import main as server_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
