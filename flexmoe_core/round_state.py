@@ -53,6 +53,7 @@ from .records import (
     RunSummary,
     Trust,
 )
+from .reply_gate import EvaluationCaps
 from .results import run_status
 from .round_io import (
     NO_REPLY,
@@ -301,6 +302,14 @@ class RoundState:
         bounded = {int(k): why for k, why in (trust.bounded or {}).items()}
         return RoundOutcome(
             [r.key for r in accepted], dict(sorted(failures.items())), finished, bounded
+        )
+
+    def evaluation_caps(self, declared_examples: int | None) -> EvaluationCaps:
+        """Return the most samples a client that declared ``declared_examples`` can evaluate."""
+        return EvaluationCaps.for_client(
+            declared_examples,
+            float(self.cfg.partition.local_test_fraction),
+            int(self.cfg.evaluate.global_max_samples),
         )
 
     def _update_fitness(self, accepted: list[ClientReply]) -> None:

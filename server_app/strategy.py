@@ -25,7 +25,6 @@ from flexmoe_core import protocol as proto
 from flexmoe_core.checkpoint import ServerCheckpoint, save_checkpoint
 from flexmoe_core.config import to_container
 from flexmoe_core.records import TIMING_KEYS, RoundRecord, headline
-from flexmoe_core.reply_gate import EvaluationCaps
 from flexmoe_core.results import RunRecorder, run_status
 from flexmoe_core.roster import Roster
 from flexmoe_core.round_state import RoundOutcome, RoundPlan, RoundResults, RoundState
@@ -154,11 +153,7 @@ class FlexMoEStrategy(Strategy):
                 results.bytes_received[key] = record_bytes(reply.content[proto.ARRAYS])
             if proto.INFO in reply.content:  # a client may report a new capacity
                 self.membership.report_capacity(key, reply)
-            caps = EvaluationCaps.for_client(
-                results.declared_examples.get(key),
-                float(self.cfg.partition.local_test_fraction),
-                int(self.cfg.evaluate.global_max_samples),
-            )
+            caps = self.state.evaluation_caps(results.declared_examples.get(key))  # type: ignore[union-attr]
             try:
                 results.replies.append(decode_reply(reply, key, plan, self.global_arrays, caps))
             except ValueError as err:
@@ -222,11 +217,10 @@ class FlexMoEStrategy(Strategy):
 
     def _log(self, server_round: int, outcome: RoundOutcome) -> None:
         assert self.plan is not None
-        benched = self.plan.benched.items()
         notes = [
             *(
                 (INFO, k, f" left out until round {u} (backoff after failed rounds)")
-                for k, u in benched
+                for k, u in self.plan.benched.items()
             ),
             *(
                 (WARNING, k, f" left out of this round: {why}")
@@ -234,10 +228,8 @@ class FlexMoEStrategy(Strategy):
             ),
             *((WARNING, k, f"'s influence bounded: {what}") for k, what in outcome.bounded.items()),
         ]
-        # Named by the node the message went to: the key may have moved on since.
-        nodes = {
-            k: m.metadata.dst_node_id for m, k in zip(self._outbox, self.plan.experts, strict=False)
-        }
+        # Named by the node the message went to (the key may have moved on since).
+        nodes = {k: m.metadata.dst_node_id for m, k in zip(self._outbox, self.plan.experts)}  # noqa: B905
         for level, key, text in notes:
             name = (
                 f"node {nodes[key]} (client {key})" if key in nodes else self.membership.name(key)
