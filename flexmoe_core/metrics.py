@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .records import Loads, Scores
-from .robust import REPORT_RATIO, REPORT_TRIM, example_cap, low_median, summarise_clients
+from .robust import REPORT_RATIO, example_cap, low_median, summarise_clients
 
 
 def load_stats(loads: np.ndarray) -> dict[str, float]:
@@ -99,10 +99,10 @@ def summarise_evaluations(
     (:mod:`flexmoe_core.reply_gate`). Counts are also capped by the round's: the
     federation's fence for the local splits (:func:`~flexmoe_core.robust.example_cap`),
     the low median for the global split (every client evaluates the same subset). Then
-    the most and least accurate :func:`~flexmoe_core.robust.trim_count` clients are
-    dropped and the rest averaged by their counts (:data:`REPORT_TRIM`), so one client
-    claiming a perfect score moves the figure by a trimmed share at most. Returns
-    ``<split>_acc``, ``<split>_loss``, and the spread over the clients kept
+    each value is held within a few MADs of the clients' median
+    (:func:`~flexmoe_core.robust.bounded_average`), so one client claiming a perfect
+    score over 2^53 samples moves the figure by its capped share of a short distance.
+    Returns ``<split>_acc``, ``<split>_loss``, and the spread over clients
     ``<split>_acc_min`` and ``<split>_acc_std``, for every split some client measured.
     """
     out: dict[str, float] = {}
@@ -112,7 +112,7 @@ def summarise_evaluations(
             continue
         counts = [float(num) for num, _, _ in rows]
         cap = low_median(counts) if split == "global" else example_cap(counts, REPORT_RATIO)
-        summary = summarise_clients(rows, [cap] * len(rows), REPORT_TRIM)
+        summary = summarise_clients(rows, [cap] * len(rows))
         out[f"{split}_acc"] = summary["acc"]
         out[f"{split}_loss"] = summary["loss"]
         out[f"{split}_acc_min"] = summary["acc_min"]

@@ -9,6 +9,8 @@ goes through these helpers, so "one client cannot own it" is argued once:
   values, so a single outlier never survives an average over three or more clients;
 * :func:`trimmed_weighted_mean` drops those values per coordinate and averages the
   rest with their weights (the honest clients keep their relative weights);
+* :func:`bounded_average` (reported figures: accuracy, loss) holds each client's value
+  within a few MADs of the others' median before the weighted mean;
 * :func:`example_cap` bounds a client's count by the federation's distribution of
   declared counts: ``ratio`` times its low median, and the upper Tukey fence
   ``Q3 + 3 IQR`` (at least twice the median) once enough clients have declared one.
@@ -26,10 +28,11 @@ MIN_TRIMMED = 3
 MIN_FOR_FENCE = 4
 FENCE_IQRS = 3.0  # "far out" in Tukey's terms
 FENCE_FLOOR_MEDIANS = 2.0
-# Reported averages over clients (accuracy, loss): the share of clients trimmed at each
-# end (at least one from 3 clients), and the cap on a client's count in round medians.
-REPORT_TRIM = 0.2
+# Reported averages over clients (accuracy, loss): a client's count is capped at this
+# many round medians, and its value held within this many MADs of the clients' median.
 REPORT_RATIO = 10.0
+REPORT_MADS = 5.0
+REPORT_MAD_FLOOR = 0.01
 
 
 def low_median(values: Sequence[float]) -> float:
@@ -82,12 +85,23 @@ def trimmed_weighted_mean(
     return np.where(total > 0, weighted, equal)
 
 
-def trimmed_average(values: Sequence[float], weights: Sequence[float], cut: int) -> float:
-    """Return :func:`trimmed_weighted_mean` of scalars (one per client)."""
+def bounded_average(values: Sequence[float], weights: Sequence[float]) -> float:
+    """Return the weighted mean of per-client values, each held near the others'.
+
+    Every value is clipped to ``median ± REPORT_MADS × MAD`` of the values (the MAD
+    at least :data:`REPORT_MAD_FLOOR`): a claim far from what the other clients report
+    counts as the nearest bound. With counts capped, one client moves the mean by at
+    most its share times that distance; honest values, close together, are not
+    clipped, so the figure stays the plain weighted mean.
+    """
     if not len(values):
         raise ValueError("no values to average")
-    arrays = [np.asarray(v, dtype=np.float64) for v in values]
-    return float(trimmed_weighted_mean(arrays, weights, cut))
+    x = np.asarray(values, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    median = float(np.median(x))
+    spread = max(float(np.median(np.abs(x - median))), REPORT_MAD_FLOOR)
+    held = np.clip(x, median - REPORT_MADS * spread, median + REPORT_MADS * spread)
+    return float(np.average(held, weights=w)) if w.sum() > 0 else float(held.mean())
 
 
 def example_cap(declared: Sequence[float], ratio: float) -> float:
@@ -113,27 +127,25 @@ def example_cap(declared: Sequence[float], ratio: float) -> float:
 
 
 def summarise_clients(
-    rows: Sequence[tuple[float, float, float]], caps: Sequence[float], trim_fraction: float
+    rows: Sequence[tuple[float, float, float]], caps: Sequence[float]
 ) -> dict[str, float]:
     """Average (count, loss, accuracy) claims over clients, each client's say bounded.
 
     Each count is lowered to its cap first (what the client can truthfully have
-    measured); then the :func:`trim_count` highest and lowest accuracies (and, apart,
-    losses) are dropped and the rest averaged with their counts. ``acc_min`` and
-    ``acc_std`` describe the accuracies kept. Returns ``acc``, ``loss``, ``acc_min``,
-    ``acc_std`` and ``count`` (the counted examples of the clients kept).
+    measured); accuracy and loss are then :func:`bounded_average` s over the counts.
+    ``acc_min`` and ``acc_std`` describe the accuracies as counted (clipped alike).
     """
     if not rows:
         raise ValueError("no client to summarise")
     counts = np.minimum([float(n) for n, _, _ in rows], np.asarray(caps, dtype=float))
-    losses = np.array([loss for _, loss, _ in rows], dtype=float)
+    losses = [loss for _, loss, _ in rows]
     accuracies = np.array([acc for _, _, acc in rows], dtype=float)
-    cut = trim_count(len(rows), trim_fraction)
-    kept = np.argsort(accuracies, kind="stable")[cut : len(rows) - cut]
+    median = float(np.median(accuracies))
+    spread = max(float(np.median(np.abs(accuracies - median))), REPORT_MAD_FLOOR)
+    held = np.clip(accuracies, median - REPORT_MADS * spread, median + REPORT_MADS * spread)
     return {
-        "acc": trimmed_average(list(accuracies), list(counts), cut),
-        "loss": trimmed_average(list(losses), list(counts), cut),
-        "acc_min": float(accuracies[kept].min()),
-        "acc_std": float(accuracies[kept].std()),
-        "count": float(counts[kept].sum()),
+        "acc": bounded_average(list(accuracies), list(counts)),
+        "loss": bounded_average(losses, list(counts)),
+        "acc_min": float(held.min()),
+        "acc_std": float(held.std()),
     }

@@ -32,7 +32,7 @@ from .records import (
     Traffic,
     Training,
 )
-from .robust import REPORT_TRIM, trim_count, trimmed_average
+from .robust import bounded_average
 
 NO_REPLY = "no reply within the round timeout"
 # Distinct failure reasons quoted when a run stops for lack of accepted updates.
@@ -173,8 +173,8 @@ def round_record(
 
     ``accepted`` are the replies whose updates were aggregated, in client-key order,
     ``counted`` their examples as the aggregation counted them; the training figures
-    are their averages weighted by those counts, the most and least extreme clients
-    trimmed (:func:`~flexmoe_core.robust.trimmed_average`).
+    are their averages weighted by those counts, each client's value held near the
+    others' (:func:`~flexmoe_core.robust.bounded_average`).
     """
     updates = [r.update for r in accepted if r.update is not None]
     training = Training(
@@ -183,9 +183,8 @@ def round_record(
         )
     )
     if updates:
-        cut = trim_count(len(accepted), REPORT_TRIM)
-        training.loss = trimmed_average([r.train_loss for r in accepted], counted, cut)
-        training.acc = trimmed_average([r.train_acc for r in accepted], counted, cut)
+        training.loss = bounded_average([r.train_loss for r in accepted], counted)
+        training.acc = bounded_average([r.train_acc for r in accepted], counted)
         training.examples = round(sum(counted))
     return RoundRecord(
         round=plan.round,

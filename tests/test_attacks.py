@@ -33,7 +33,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLIENTS, ROUNDS = 8, 6
 ATTACKER = 1001  # node id of client 1
-SETTINGS = f"{FAST} model.width=16 model.feature_dim=32 evaluate.global_every=3"
+# Small, but trained far enough that the clients' accuracies agree to a few points
+# (3 local epochs of batch 32 a round): the goals compare accuracies, not noise.
+SETTINGS = (
+    f"{FAST} model.width=16 model.feature_dim=32 train.local_epochs=3 train.batch_size=32 "
+    "evaluate.global_every=3"
+)
 
 
 def plan_for(cfg: Any, arrays: dict[str, np.ndarray]) -> Any:
@@ -94,8 +99,9 @@ def test_one_attacker_moves_accuracy_and_reports_by_little(
 def test_an_oversized_reply_is_refused_by_name(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(attackers, "BIG_ARRAY_MB", 40)
     attacked = federation(tmp_path, "extra_array_400mb", "big")
-    failures = [r["failures"].get("1", "") for r in attacked["records"]]
-    assert all("extra.weight" in f and "MiB refused unread" in f for f in failures), failures
+    # Refused every round it was sent a message (then left out by the backoff).
+    failures = [r["failures"]["1"] for r in attacked["records"] if "1" in r["failures"]]
+    assert failures and all("extra.weight: 40 MiB refused unread" in f for f in failures)
 
 
 def test_the_gate_reads_no_byte_of_an_oversized_array() -> None:

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from flexmoe_core.robust import (
+    bounded_average,
     example_cap,
     low_median,
     summarise_clients,
     trim_count,
-    trimmed_average,
     trimmed_weighted_mean,
 )
 from flexmoe_core.roster import Roster
@@ -49,12 +49,16 @@ def test_trimmed_weighted_mean_ignores_one_outlier_per_coordinate() -> None:
 
 
 def test_a_perfect_score_over_2p53_samples_barely_moves_the_reported_accuracy() -> None:
-    honest = [(100, 0.4, 0.80), (120, 0.3, 0.85), (90, 0.5, 0.78), (110, 0.35, 0.82)] * 2
+    honest = [(100, 0.4, 0.94), (120, 0.3, 0.96), (90, 0.5, 0.95), (110, 0.35, 0.97)] * 2
     truth = np.average([a for _, _, a in honest], weights=[n for n, _, _ in honest])
     caps = [200.0] * 9
-    lying = summarise_clients([*honest, (2**53, 0.0, 1.0)], caps, 0.2)
+    assert summarise_clients(honest, caps[:8])["acc"] == pytest.approx(truth)  # unchanged
+    lying = summarise_clients([*honest, (2**53, 0.0, 1.0)], caps)
     assert abs(lying["acc"] - truth) < 0.01
-    assert lying["loss"] > 0.3  # loss 0 was trimmed as well
+    # Claiming 0 instead is held near the others, too: a bounded step.
+    sinking = summarise_clients([*honest, (2**53, 9.0, 0.0)], caps)
+    assert abs(sinking["acc"] - truth) < 0.02
+    assert sinking["loss"] < 1.0
 
 
 def test_example_cap_follows_the_federation_not_a_claim() -> None:
@@ -68,9 +72,10 @@ def test_example_cap_follows_the_federation_not_a_claim() -> None:
     assert low_median([5, 1, 9, 7]) == 5
 
 
-def test_trimmed_average_needs_values() -> None:
+def test_bounded_average_needs_values_and_is_the_mean_of_close_values() -> None:
     with pytest.raises(ValueError, match="no values"):
-        trimmed_average([], [], 0)
+        bounded_average([], [])
+    assert bounded_average([0.5, 0.52, 0.51], [1, 1, 2]) == pytest.approx(0.51)
 
 
 # ------------------------------------------------------------------ identity

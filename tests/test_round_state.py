@@ -178,9 +178,8 @@ def test_a_round_record_is_finished_by_the_next_round_and_the_last_by_the_final_
     assert plan2.evaluates == 1 and not plan2.global_test  # global test every 2 rounds
     assert [r.round for r in second.finished] == [1]
     record = second.finished[0]
-    # Clients 0, 1, 2 evaluated round 1's model: (10, 0.0), (11, 0.1), (12, 0.2); the
-    # most and least accurate of three are trimmed from the reported average.
-    assert record.evaluation.local_acc == pytest.approx(0.1)
+    # Clients 0, 1, 2 evaluated round 1's model: (10, 0.0), (11, 0.1), (12, 0.2).
+    assert record.evaluation.local_acc == pytest.approx((11 * 0.1 + 12 * 0.2) / 33)
     assert record.evaluation.clients == 3 and record.traffic.sent == 300
     _, third = run_round(state, 3, capacities)
     assert [r.round for r in third.finished] == [2]
