@@ -3,9 +3,9 @@
 For every attack of ``tests/attackers.py`` this runs the default configuration on 8
 simulated clients in this process (node 1 attacks, the others are honest) and the
 same run with no attacker, with the same seed, and prints one row per attack: the
-honest clients' true final local and global accuracy against the honest run's, the
-reported final local accuracy against the honest clients' truth, what the server cut,
-and a verdict against the goals:
+honest clients' true final local and global accuracy against the same clients' in
+the honest run, the reported final local accuracy against the honest clients' truth,
+what the server cut, and a verdict against the goals:
 
 * the honest clients' final local and global accuracy within 3 points of the honest run;
 * the reported final local accuracy within 1 point of the honest clients' true one.
@@ -52,7 +52,8 @@ def run_federation(attack: str | None, args: argparse.Namespace, out: Path) -> d
     run_dir = run(InProcessGrid(attackers.app, nodes), cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    truth = attackers.honest_final(ATTACKER_NODE if attack else None)
+    # The same clients in every run: all but the attacking node (honest in the reference).
+    truth = attackers.honest_final(ATTACKER_NODE)
     return {"summary": summary, "records": records, "truth": truth}
 
 
@@ -82,8 +83,8 @@ def main() -> None:
         base_local, base_global = honest["truth"]["local"], honest["truth"].get("global", nan)
         print(
             f"{args.clients} clients, {args.rounds} rounds, seed {args.seed}; node "
-            f"{ATTACKER_NODE} (client {ATTACKER_NODE - 1000}) attacks. Honest run: local "
-            f"{base_local:.4f}, global {base_global:.4f}, "
+            f"{ATTACKER_NODE} (client {ATTACKER_NODE - 1000}) attacks. Honest run, clients "
+            f"but {ATTACKER_NODE - 1000}: local {base_local:.4f}, global {base_global:.4f}; "
             f"reported local {honest['summary']['final_local_acc']:.4f}"
         )
         header = (

@@ -98,10 +98,10 @@ def summarise_evaluations(
     its counts already capped by what the client can hold
     (:mod:`flexmoe_core.reply_gate`). Counts are also capped by the round's: the
     federation's fence for the local splits (:func:`~flexmoe_core.robust.example_cap`),
-    the low median for the global split (every client evaluates the same subset). Then
-    each value is held within a few MADs of the clients' median
-    (:func:`~flexmoe_core.robust.bounded_average`), so one client claiming a perfect
-    score over 2^53 samples moves the figure by its capped share of a short distance.
+    the low median for the global split (every client evaluates the same subset), so
+    one client claiming a perfect score over 2^53 samples moves the figure by no more
+    than its capped share (:func:`~flexmoe_core.robust.summarise_clients`); honest
+    counts are not cut, and the figure is their weighted mean.
     Returns ``<split>_acc``, ``<split>_loss``, and the spread over clients
     ``<split>_acc_min`` and ``<split>_acc_std``, for every split some client measured.
     """

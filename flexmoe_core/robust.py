@@ -9,8 +9,8 @@ goes through these helpers, so "one client cannot own it" is argued once:
   values, so a single outlier never survives an average over three or more clients;
 * :func:`trimmed_weighted_mean` drops those values per coordinate and averages the
   rest with their weights (the honest clients keep their relative weights);
-* :func:`bounded_average` (reported figures: accuracy, loss) holds each client's value
-  within a few MADs of the others' median before the weighted mean;
+* :func:`summarise_clients` (reported figures: accuracy, loss) weighs each client by
+  its capped count;
 * :func:`example_cap` bounds a client's count by the federation's distribution of
   declared counts: ``ratio`` times its low median, and the upper Tukey fence
   ``Q3 + 3 IQR`` (at least twice the median) once enough clients have declared one.
@@ -29,10 +29,8 @@ MIN_FOR_FENCE = 4
 FENCE_IQRS = 3.0  # "far out" in Tukey's terms
 FENCE_FLOOR_MEDIANS = 2.0
 # Reported averages over clients (accuracy, loss): a client's count is capped at this
-# many round medians, and its value held within this many MADs of the clients' median.
+# many round medians (and the fence of the round's counts).
 REPORT_RATIO = 10.0
-REPORT_MADS = 5.0
-REPORT_MAD_FLOOR = 0.01
 
 
 def low_median(values: Sequence[float]) -> float:
@@ -85,25 +83,6 @@ def trimmed_weighted_mean(
     return np.where(total > 0, weighted, equal)
 
 
-def bounded_average(values: Sequence[float], weights: Sequence[float]) -> float:
-    """Return the weighted mean of per-client values, each held near the others'.
-
-    Every value is clipped to ``median ± REPORT_MADS × MAD`` of the values (the MAD
-    at least :data:`REPORT_MAD_FLOOR`): a claim far from what the other clients report
-    counts as the nearest bound. With counts capped, one client moves the mean by at
-    most its share times that distance; honest values, close together, are not
-    clipped, so the figure stays the plain weighted mean.
-    """
-    if not len(values):
-        raise ValueError("no values to average")
-    x = np.asarray(values, dtype=np.float64)
-    w = np.asarray(weights, dtype=np.float64)
-    median = float(np.median(x))
-    spread = max(float(np.median(np.abs(x - median))), REPORT_MAD_FLOOR)
-    held = np.clip(x, median - REPORT_MADS * spread, median + REPORT_MADS * spread)
-    return float(np.average(held, weights=w)) if w.sum() > 0 else float(held.mean())
-
-
 def example_cap(declared: Sequence[float], ratio: float) -> float:
     """Return the most examples one client may count, from the federation's declared counts.
 
@@ -129,23 +108,21 @@ def example_cap(declared: Sequence[float], ratio: float) -> float:
 def summarise_clients(
     rows: Sequence[tuple[float, float, float]], caps: Sequence[float]
 ) -> dict[str, float]:
-    """Average (count, loss, accuracy) claims over clients, each client's say bounded.
+    """Average (count, loss, accuracy) claims over clients, each client's share bounded.
 
-    Each count is lowered to its cap first (what the client can truthfully have
-    measured); accuracy and loss are then :func:`bounded_average` s over the counts.
-    ``acc_min`` and ``acc_std`` describe the accuracies as counted (clipped alike).
+    Each count is lowered to its cap (what the client can truthfully have measured),
+    then accuracy and loss are averaged with those counts. A client's value cannot be
+    checked, but its weight can: one client claiming accuracy 1.0 over 2^53 samples
+    moves the average by its capped share times its distance from the others.
+    Returns ``acc``, ``loss``, ``acc_min``, ``acc_std``.
     """
     if not rows:
         raise ValueError("no client to summarise")
     counts = np.minimum([float(n) for n, _, _ in rows], np.asarray(caps, dtype=float))
-    losses = [loss for _, loss, _ in rows]
     accuracies = np.array([acc for _, _, acc in rows], dtype=float)
-    median = float(np.median(accuracies))
-    spread = max(float(np.median(np.abs(accuracies - median))), REPORT_MAD_FLOOR)
-    held = np.clip(accuracies, median - REPORT_MADS * spread, median + REPORT_MADS * spread)
     return {
-        "acc": bounded_average(list(accuracies), list(counts)),
-        "loss": bounded_average(losses, list(counts)),
-        "acc_min": float(held.min()),
-        "acc_std": float(held.std()),
+        "acc": float(np.average(accuracies, weights=counts)),
+        "loss": float(np.average([loss for _, loss, _ in rows], weights=counts)),
+        "acc_min": float(accuracies.min()),
+        "acc_std": float(accuracies.std()),
     }

@@ -32,7 +32,6 @@ from .records import (
     Traffic,
     Training,
 )
-from .robust import bounded_average
 
 NO_REPLY = "no reply within the round timeout"
 # Distinct failure reasons quoted when a run stops for lack of accepted updates.
@@ -173,8 +172,7 @@ def round_record(
 
     ``accepted`` are the replies whose updates were aggregated, in client-key order,
     ``counted`` their examples as the aggregation counted them; the training figures
-    are their averages weighted by those counts, each client's value held near the
-    others' (:func:`~flexmoe_core.robust.bounded_average`).
+    are their averages weighted by those counts.
     """
     updates = [r.update for r in accepted if r.update is not None]
     training = Training(
@@ -183,8 +181,8 @@ def round_record(
         )
     )
     if updates:
-        training.loss = bounded_average([r.train_loss for r in accepted], counted)
-        training.acc = bounded_average([r.train_acc for r in accepted], counted)
+        training.loss = float(np.average([r.train_loss for r in accepted], weights=counted))
+        training.acc = float(np.average([r.train_acc for r in accepted], weights=counted))
         training.examples = round(sum(counted))
     return RoundRecord(
         round=plan.round,

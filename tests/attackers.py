@@ -198,12 +198,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     return reply
 
 
-def honest_final(attacker: int | None) -> dict[str, float]:
-    """Return the honest nodes' true final accuracy per split (example-weighted).
+def honest_final(excluded: int | None) -> dict[str, float]:
+    """Return the nodes' true final accuracy per split (example-weighted), one node left out.
 
-    ``attacker`` is the attacking node's id (None: every node is honest).
+    ``excluded`` is the attacking node's id; compare runs with and without the attack
+    over the same nodes (None: every node).
     """
-    rows = [t for t in TRUE_EVALUATIONS if t.kind == "final" and t.node != attacker]
+    rows = [t for t in TRUE_EVALUATIONS if t.kind == "final" and t.node != excluded]
     out = {}
     for split in proto.SPLITS:
         pairs = [t.splits[split] for t in rows if split in t.splits and t.splits[split][0] > 0]
