@@ -46,12 +46,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from .fitness import ExpertFeedback
 from .model import split_expert_key
+from .settings import AggregationSettings
 
 METHODS = ("mean", "median", "trimmed_mean")
 WEIGHTINGS = ("usage", "num_examples")
@@ -104,30 +104,16 @@ class AggregationPolicy:
     max_update_rms: float | None = 1.0
     top_k: int | None = None
 
-    def __post_init__(self) -> None:
-        if self.expert_weighting not in WEIGHTINGS:
-            raise ValueError(f"expert_weighting={self.expert_weighting!r}: usage|num_examples")
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
-        if not 0.0 <= self.trim_fraction < 0.5:
-            raise ValueError(f"trim_fraction={self.trim_fraction}: must be in [0, 0.5)")
-        if self.max_examples_ratio is not None and not self.max_examples_ratio >= 1.0:
-            raise ValueError(f"max_examples_ratio={self.max_examples_ratio}: must be >= 1")
-        if self.max_update_rms is not None and not self.max_update_rms > 0.0:
-            raise ValueError(f"max_update_rms={self.max_update_rms}: must be > 0")
-
     @classmethod
-    def from_config(cls, cfg: Any) -> AggregationPolicy:
-        """Build from a run configuration (``aggregation.*`` and ``model.top_k``)."""
-        agg = cfg.aggregation
-        ratio, rms = agg.get("max_examples_ratio"), agg.get("max_update_rms")
+    def from_settings(cls, aggregation: AggregationSettings, top_k: int) -> AggregationPolicy:
+        """Build from ``aggregation.*`` and ``model.top_k`` (checked by the schema)."""
         return cls(
-            expert_weighting=str(agg.expert_weighting),
-            method=str(agg.get("method", "mean")),
-            trim_fraction=float(agg.get("trim_fraction", 0.2)),
-            max_examples_ratio=None if ratio is None else float(ratio),
-            max_update_rms=None if rms is None else float(rms),
-            top_k=int(cfg.model.top_k),
+            expert_weighting=aggregation.expert_weighting,
+            method=aggregation.method,
+            trim_fraction=aggregation.trim_fraction,
+            max_examples_ratio=aggregation.max_examples_ratio,
+            max_update_rms=aggregation.max_update_rms,
+            top_k=top_k,
         )
 
 

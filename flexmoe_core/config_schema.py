@@ -36,7 +36,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .allocation.registry import STRATEGY_NAMES
 from .backbones import BACKBONES, moe_cut_problems
-from .data import DatasetError, Normaliser, build_augment
+from .data import DatasetError, Normaliser
 from .data.groups import GROUP_TRANSFORMS
 from .data.partition import PARTITION_TYPES
 from .data.raw import SOURCES
@@ -144,14 +144,6 @@ def _preprocess(value: Any, cfg: DictConfig) -> list[str]:
         return []  # input_shape's own row reports it
     try:
         Normaliser.from_config(value, int(shape[0]))
-    except DatasetError as err:
-        return [str(err)]
-    return []
-
-
-def _augment(value: Any, cfg: DictConfig) -> list[str]:
-    try:
-        build_augment({"preprocess": {"augment": value}})
     except DatasetError as err:
         return [str(err)]
     return []
@@ -434,9 +426,8 @@ SETTINGS: tuple[Setting, ...] = (
     S(
         "dataset.preprocess.augment",
         "bool|null|mapping",
-        meaning="training augmentation",
+        meaning="training augmentation (false, true or crop_padding and horizontal_flip)",
         required=False,
-        check=_augment,
     ),
     S(
         "dataset.preprocess.augment.crop_padding",
