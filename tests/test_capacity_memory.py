@@ -26,11 +26,11 @@ def settings(config: dict, node_id: int = 5) -> NodeSettings:
 
 # ----------------------------------------------------------------- footprint
 def test_footprint_counts_parameters_gradients_momentum_and_activations() -> None:
-    cfg = fast_config()
+    cfg = as_settings(fast_config())
     shape, classes = list(cfg.dataset.input_shape), int(cfg.dataset.num_classes)
-    small = measure_footprint(as_settings(cfg).model, shape, classes, 8)
-    large = measure_footprint(as_settings(cfg).model, shape, classes, 64)
-    model = build_model(as_settings(cfg).model, shape, classes, [0])
+    small = measure_footprint(cfg.model, shape, classes, 8)
+    large = measure_footprint(cfg.model, shape, classes, 64)
+    model = build_model(cfg.model, shape, classes, [0])
     expert_params = sum(p.numel() * p.element_size() for p in model.experts.parameters())
     # Weights, gradients and SGD momentum: three copies of the expert's parameters at
     # least; activations on top, growing with the batch.
@@ -40,10 +40,10 @@ def test_footprint_counts_parameters_gradients_momentum_and_activations() -> Non
 
 
 def test_a_one_expert_model_is_measured_too() -> None:
-    cfg = fast_config(
-        "model.num_experts=1 model.top_k=1 capacity.profile=constant capacity.value=1"
+    cfg = as_settings(
+        fast_config("model.num_experts=1 model.top_k=1 capacity.profile=constant capacity.value=1")
     )
-    fp = measure_footprint(as_settings(cfg).model, list(cfg.dataset.input_shape), 10, 8)
+    fp = measure_footprint(cfg.model, list(cfg.dataset.input_shape), 10, 8)
     assert fp.expert_bytes > 0 and fp.capacity(fp.trunk_bytes + fp.expert_bytes, 1) == 1
 
 
@@ -62,7 +62,7 @@ def test_memory_budget_must_be_a_positive_number(value: object) -> None:
 
 
 def test_auto_capacity_follows_the_memory_budget() -> None:
-    cfg = fast_config()
+    cfg = as_settings(fast_config())
     fp = measure_footprint(
         cfg.model,
         list(cfg.dataset.input_shape),
@@ -73,13 +73,13 @@ def test_auto_capacity_follows_the_memory_budget() -> None:
     budget_mb = (fp.trunk_bytes + 2.5 * fp.expert_bytes) / MIB
     report = settings(
         {"capacity": "auto", "memory-mb": budget_mb, "data-path": "/x"}
-    ).capacity_report(as_settings(cfg))
+    ).capacity_report(cfg)
     assert report.capacity == 2 and report.memory_mb == pytest.approx(budget_mb)
     big = settings({"capacity": "auto", "memory-mb": 10**6, "data-path": "/x"})
-    assert big.capacity(as_settings(cfg)) == int(cfg.model.num_experts)
+    assert big.capacity(cfg) == int(cfg.model.num_experts)
     tiny = settings({"capacity": "auto", "memory-mb": fp.trunk_bytes / MIB, "data-path": "/x"})
     with pytest.raises(ValueError, match="not one expert"):
-        tiny.capacity(as_settings(cfg))
+        tiny.capacity(cfg)
 
 
 def test_auto_capacity_without_a_budget_takes_a_share_of_the_free_ram() -> None:
@@ -93,26 +93,26 @@ def test_auto_capacity_leaves_the_random_state_alone() -> None:
     torch.manual_seed(3)
     expected = torch.rand(1)
     torch.manual_seed(3)
-    cfg = fast_config("train.batch_size=17")  # a batch size nothing measured yet
-    settings({"capacity": "auto", "memory-mb": 512, "data-path": "/x"}).capacity(as_settings(cfg))
+    cfg = as_settings(fast_config("train.batch_size=17"))  # a batch size nothing measured yet
+    settings({"capacity": "auto", "memory-mb": 512, "data-path": "/x"}).capacity(cfg)
     assert torch.equal(torch.rand(1), expected)
 
 
 # -------------------------------------------------------------- capacity file
 def test_capacity_file_lowers_the_capacity_without_a_restart(tmp_path) -> None:
-    cfg = fast_config()
+    cfg = as_settings(fast_config())
     path = tmp_path / "capacity"
     node = settings({"capacity": 4, "capacity-file": str(path), "data-path": "/x"})
-    assert node.capacity(as_settings(cfg)) == 4  # no file yet: the node config's
+    assert node.capacity(cfg) == 4  # no file yet: the node config's
     path.write_text("2\n")
-    assert node.capacity(as_settings(cfg)) == 2
+    assert node.capacity(cfg) == 2
     path.write_text("6")  # the file cannot raise it above the node config's
-    assert node.capacity(as_settings(cfg)) == 4
+    assert node.capacity(cfg) == 4
     path.write_text("0")
     with pytest.raises(ValueError, match=f"capacity-file {path}"):
-        node.capacity(as_settings(cfg))
+        node.capacity(cfg)
     path.write_text("auto")  # memory decides, within the node config's 4
-    assert 1 <= node.capacity(as_settings(cfg)) <= 4
+    assert 1 <= node.capacity(cfg) <= 4
 
 
 # ---------------------------------------------------------- server's checks
