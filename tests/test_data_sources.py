@@ -362,8 +362,9 @@ def test_missing_path_and_empty_glob(tmp_path: Path) -> None:
 
 
 def test_unknown_source_and_unreadable_formats(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match=r"dataset\.source='parquet'"):
-        load_raw(_cfg(source="parquet", path=str(tmp_path)))
+    # An unknown format is the schema's to refuse (once, naming the key).
+    with pytest.raises(ConfigError, match=r"dataset\.source='parquet'"):
+        load_settings(f"dataset.source=parquet dataset.path={tmp_path}")
     rar = tmp_path / "data.rar"
     rar.write_bytes(b"Rar!")
     with pytest.raises(DatasetError, match="cannot be read"):

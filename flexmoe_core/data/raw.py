@@ -82,17 +82,15 @@ def effective_source(dataset: DatasetSettings) -> str:
 
     A file format with ``path: null`` falls back to the hub id in ``hf.id``.
 
+    The schema checked ``dataset.source``, and a node's ``data-format`` is checked
+    where it is read (:func:`flexmoe_core.data.local_node.node_dataset_settings`).
+
     Raises
     ------
     DatasetError
-        If the source is unknown, or neither a path nor a hub id is given.
+        If neither a path nor a hub id is given.
     """
     source = dataset.source
-    if source not in SOURCES:
-        raise DatasetError(
-            f"dataset.source={source!r} for dataset {dataset.name!r} is unknown; "
-            f"choose one of {', '.join(SOURCES)}"
-        )
     hub_id = dataset.hf.id if dataset.hf is not None else None
     if source in FILE_SOURCES and dataset.path is None:
         if hub_id:
