@@ -24,9 +24,7 @@ class CapacityReport:
     memory_mb: float | None = None
 
 
-def simulated_capacity(
-    capacity: CapacitySettings, partition_id: int, num_experts: int, seed: int
-) -> int:
+def simulated_capacity(capacity: CapacitySettings, partition_id: int, seed: int) -> int:
     """Return k_c of simulated client ``partition_id`` under the configured profile.
 
     ``constant`` gives ``value``; ``list`` cycles ``values`` over partition ids;

@@ -100,9 +100,7 @@ class NodeSettings:
                     f"{self.describe()} sets data-path but no capacity; add capacity=K "
                     f'(1 <= K <= {num_experts}) or capacity="auto" to its --node-config'
                 )
-            k = simulated_capacity(
-                settings.capacity, self.partition()[0], num_experts, settings.seed
-            )
+            k = simulated_capacity(settings.capacity, self.partition()[0], settings.seed)
             return self._lowered_by_file(settings, CapacityReport(k))
         return self._lowered_by_file(
             settings, self._declared(settings, self.config["capacity"], "the node config")
