@@ -22,7 +22,6 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from flexmoe_core import protocol as proto
-from flexmoe_core.config import settings_from_config
 from flexmoe_core.data import (
     ClientData,
     build_augment,
@@ -41,7 +40,7 @@ from flexmoe_core.model import (
     shared_state,
 )
 from flexmoe_core.node import NodeSettings
-from flexmoe_core.settings import Settings
+from flexmoe_core.settings import Settings, settings_from_plain
 from flexmoe_core.training import (
     evaluate,
     heldout_feedback,
@@ -56,8 +55,8 @@ app = ClientApp()
 @lru_cache(maxsize=4)
 def _parse_settings(text: str) -> Settings:
     # The server validated this configuration (config_schema); typing it here still
-    # refuses a missing key or a value of the wrong kind (ConfigError).
-    return settings_from_config(json.loads(text))
+    # refuses a missing key or a value of the wrong kind (ValueError).
+    return settings_from_plain(json.loads(text))
 
 
 def run_settings(msg: Message) -> Settings:

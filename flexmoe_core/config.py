@@ -25,7 +25,7 @@ from .config_schema import (
     declared_keys,
     lenient,
 )
-from .settings import Settings
+from .settings import Settings, settings_from_plain
 
 __all__ = [
     "ConfigError",
@@ -151,9 +151,9 @@ def settings_from_config(cfg: DictConfig | dict[str, Any]) -> Settings:
     """
     plain = to_container(cfg) if isinstance(cfg, DictConfig) else cfg
     try:
-        return Settings.from_dict(plain)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ConfigError(f"Invalid configuration: cannot type it ({err!r})") from None
+        return settings_from_plain(plain)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_settings(overrides: str | Sequence[str] | None = None) -> Settings:

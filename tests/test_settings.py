@@ -20,7 +20,7 @@ from flexmoe_core.config import (
 )
 from flexmoe_core.fitness import FitnessTable
 from flexmoe_core.privacy import PrivacyPolicy
-from flexmoe_core.settings import AugmentSettings, Settings
+from flexmoe_core.settings import AugmentSettings, Settings, settings_from_plain
 
 CORE = Path(__file__).resolve().parent.parent / "flexmoe_core"
 
@@ -98,6 +98,8 @@ def test_a_received_configuration_that_is_not_one_is_refused() -> None:
     bad["train"]["lr"] = "fast"
     with pytest.raises(ConfigError, match="cannot type"):
         settings_from_config(bad)
+    with pytest.raises(ValueError, match="cannot type"):  # the client's path, without Hydra
+        settings_from_plain(bad)
 
 
 @pytest.mark.parametrize(

@@ -70,6 +70,7 @@ __all__ = [
     "TimeoutSettings",
     "TrainSettings",
     "WandbSettings",
+    "settings_from_plain",
 ]
 
 
@@ -149,3 +150,21 @@ class Settings:
         data = self.to_dict()
         data["run_name"] = run_name
         return Settings.from_dict(data)
+
+
+def settings_from_plain(data: Mapping[str, Any]) -> Settings:
+    """Type a configuration received as plain containers (the clients' run config).
+
+    The server validated it (:mod:`flexmoe_core.config_schema`); this does not check it
+    again, but a missing key or a value of the wrong kind is refused, not accepted.
+    It needs neither Hydra nor the schema, which a client install does not have.
+
+    Raises
+    ------
+    ValueError
+        If the configuration cannot be typed.
+    """
+    try:
+        return Settings.from_dict(data)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"Invalid configuration: cannot type it ({err!r})") from None
