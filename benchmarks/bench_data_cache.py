@@ -25,17 +25,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flexmoe_core.config import load_config  # noqa: E402
+from flexmoe_core.config import load_settings  # noqa: E402
 from flexmoe_core.data import federated, load_client_data, load_raw  # noqa: E402
 
 CLIENT_SNIPPET = """
 import sys, time
 start = time.perf_counter()
 import flwr_datasets.partitioner  # Flower Datasets: heavy to import, once per process
-from flexmoe_core.config import load_config
+from flexmoe_core.config import load_settings
 from flexmoe_core.data import load_client_data
 imported = time.perf_counter()
-cfg = load_config(sys.argv[1:])
+cfg = load_settings(sys.argv[1:])
 data = load_client_data(cfg.dataset, cfg.partition, 0, cfg.num_clients, cfg.seed)
 print(imported - start, time.perf_counter() - imported)
 """
@@ -71,7 +71,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="flexmoe-bench-cache-") as tmp:
         overrides = _overrides(data_dir, Path(tmp), args.clients)
-        cfg = load_config(overrides)
+        cfg = load_settings(overrides)
 
         def touch_all() -> None:
             raw = load_raw(cfg.dataset)

@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flexmoe_core.config import load_config, to_container  # noqa: E402
+from flexmoe_core.config import load_config, load_settings, to_container  # noqa: E402
 from flexmoe_core.data.sources import Normaliser  # noqa: E402
 from flexmoe_core.export import Deployable  # noqa: E402
 from flexmoe_core.footprint import MIB, measure_footprint  # noqa: E402
@@ -55,7 +55,7 @@ def footprint_rows(names: list[str]) -> None:
     print(f"{'model':30s} {'batch':>5s} {'trunk MiB':>10s} {'expert MiB':>11s} ", end="")
     print(" ".join(f"{f'K@{b} MiB':>10s}" for b in BUDGETS_MIB))
     for name in names:
-        cfg = load_config(MODELS[name])
+        cfg = load_settings(MODELS[name])
         e = int(cfg.model.num_experts)
         fp = measure_footprint(
             cfg.model,
@@ -93,7 +93,7 @@ def process_row() -> None:
 
 def _saved_size(model, cfg, folder: Path, label: str) -> int:
     shape = list(cfg.dataset.input_shape)
-    normaliser = Normaliser.from_config(cfg.dataset.preprocess, int(shape[0]))
+    normaliser = Normaliser.from_settings(cfg.dataset.preprocess, int(shape[0]))
     module = Deployable(model, normaliser).eval()
     with torch.no_grad():
         traced = torch.jit.trace(module, torch.zeros(2, *shape))
@@ -110,7 +110,7 @@ def export_rows(names: list[str]) -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            cfg = load_config(MODELS[name])
+            cfg = load_settings(MODELS[name])
             e = int(cfg.model.num_experts)
             shape, classes = list(cfg.dataset.input_shape), int(cfg.dataset.num_classes)
             sizes, params = [], []

@@ -47,7 +47,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flexmoe_core.config import load_config  # noqa: E402
+from flexmoe_core.config import load_settings, settings_from_config  # noqa: E402
 from flexmoe_core.metrics import nbytes  # noqa: E402
 from flexmoe_core.model import (  # noqa: E402
     build_model,
@@ -85,7 +85,7 @@ def verdict(ok: bool) -> str:
 def model_sizes() -> None:
     print("## Part 1: a client holding k of E = 8 experts, against the dense model (all 8)")
     for label, overrides, shape, goal in MODELS:
-        cfg = load_config(overrides)
+        cfg = load_settings(overrides)
         dense = build_model(cfg.model, shape, NUM_CLASSES)
         parts = {
             "trunk": count_parameters(dense.backbone),
@@ -111,7 +111,7 @@ def model_sizes() -> None:
 
 def bytes_from_run(run_dir: Path) -> None:
     print(f"\n## Part 2: bytes per client and round, from {run_dir / 'metrics.jsonl'}")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = settings_from_config(OmegaConf.load(run_dir / "config.yaml"))
     shape, classes = tuple(cfg.dataset.input_shape), int(cfg.dataset.num_classes)
     dense_bytes = nbytes(shared_state(build_model(cfg.model, shape, classes)))
     sent, received = defaultdict(list), defaultdict(list)
@@ -143,7 +143,7 @@ def step_times(
 ) -> tuple[int, list[tuple[float, float, float, float]]]:
     """Return the batch size and per-repeat seconds of (dense step, sparse step, one expert's
     forward and backward on the whole batch, the same on half of it)."""
-    cfg = load_config(f"{overrides} model.top_k=2")
+    cfg = load_settings(f"{overrides} model.top_k=2")
     batch = batch or int(cfg.train.batch_size)
     torch.manual_seed(0)
     model = build_model(cfg.model, shape, NUM_CLASSES, [0, 1, 2, 3]).train()

@@ -46,7 +46,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from flexmoe_core.aggregation import ClientUpdate  # noqa: E402
 from flexmoe_core.checkpoint import save_checkpoint  # noqa: E402
-from flexmoe_core.config import load_config  # noqa: E402
+from flexmoe_core.config import load_settings  # noqa: E402
 from flexmoe_core.fitness import ExpertFeedback  # noqa: E402
 from flexmoe_core.model import build_model, shared_state  # noqa: E402
 from flexmoe_core.round_state import ClientReply, RoundResults  # noqa: E402
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace, out: Path) -> None:
         "partition.min_partition_size=4",
         "cifar10": f"experiment=cpu_cifar10_iid dataset.path='{data}/*.tar.gz'",
     }[args.workload]
-    cfg = load_config(
+    cfg = load_settings(
         f"{workload} num_clients={args.clients} fraction_train={args.fraction} "
         f"num_rounds={args.rounds} evaluate.global_every=0 "
         f"output_root={out} timeouts.wait_for_clients_s=0"

@@ -53,7 +53,7 @@ def main() -> None:
     import run_helpers
 
     import flexmoe_core.round_state as strategy_module  # where aggregate_bounded() is called
-    from flexmoe_core.config import load_config
+    from flexmoe_core.config import load_settings
     from flexmoe_core.model import split_expert_key
 
     records: list[dict] = []
@@ -95,7 +95,7 @@ def main() -> None:
     _round = [1]
     strategy_module.aggregate_bounded = recording_aggregate
     overrides = f"{args.overrides} output_root={scratch}/out timeouts.wait_for_clients_s=0"
-    cfg = load_config(overrides)
+    cfg = load_settings(overrides)
     grid = run_helpers.make_grid(int(cfg.num_clients))
     start = time.perf_counter()
     strategy = run_helpers.run_strategy(cfg, grid)
@@ -131,12 +131,12 @@ def one_client(overrides: str, scratch: Path) -> None:
     """Train partition 0 for one round from the initial model; print the delta RMS."""
     import torch
 
-    from flexmoe_core.config import load_config
+    from flexmoe_core.config import load_settings
     from flexmoe_core.data import build_augment, load_client_data
     from flexmoe_core.model import build_model, shared_state, split_expert_key
     from flexmoe_core.training import resolve_device, train_local
 
-    cfg = load_config(f"{overrides} output_root={scratch}/out")
+    cfg = load_settings(f"{overrides} output_root={scratch}/out")
     data = load_client_data(cfg.dataset, cfg.partition, 0, int(cfg.num_clients), int(cfg.seed))
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg.model, data.input_shape, data.num_classes, [0, 1, 2])
@@ -153,7 +153,7 @@ def one_client(overrides: str, scratch: Path) -> None:
         weight_decay=float(cfg.train.weight_decay),
         aux_loss_coef=float(cfg.train.aux_loss_coef),
         device=resolve_device(str(cfg.train.device)),
-        augment=build_augment(cfg.dataset),
+        augment=build_augment(cfg.dataset.preprocess.augment),
     )
     after = shared_state(model)
     sums: dict[str, list[float]] = {}

@@ -20,7 +20,6 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
-from omegaconf import DictConfig, OmegaConf
 
 from flexmoe_core import protocol as proto
 from flexmoe_core.data import (
@@ -41,6 +40,7 @@ from flexmoe_core.model import (
     shared_state,
 )
 from flexmoe_core.node import NodeSettings
+from flexmoe_core.settings import Settings, settings_from_plain
 from flexmoe_core.training import (
     evaluate,
     heldout_feedback,
@@ -53,13 +53,15 @@ app = ClientApp()
 
 
 @lru_cache(maxsize=4)
-def _parse_config(text: str) -> DictConfig:
-    return OmegaConf.create(json.loads(text))
+def _parse_settings(text: str) -> Settings:
+    # The server validated this configuration (config_schema); typing it here still
+    # refuses a missing key or a value of the wrong kind (ValueError).
+    return settings_from_plain(json.loads(text))
 
 
-def run_config(msg: Message) -> DictConfig:
-    """Return the run configuration the server sent with the message."""
-    return _parse_config(str(msg.content[proto.CONFIG][proto.RUN_CONFIG]))
+def run_settings(msg: Message) -> Settings:
+    """Return the typed settings of the run configuration the server sent."""
+    return _parse_settings(str(msg.content[proto.CONFIG][proto.RUN_CONFIG]))
 
 
 def node(context: Context) -> NodeSettings:
@@ -67,20 +69,22 @@ def node(context: Context) -> NodeSettings:
     return NodeSettings(int(context.node_id), context.node_config)
 
 
-def client_data(cfg: DictConfig, context: Context) -> ClientData:
+def client_data(settings: Settings, context: Context) -> ClientData:
     """Return this node's data: its files at ``data-path``, or a partition of the dataset."""
-    settings = node(context)
-    if "data-path" in settings.config:
+    here = node(context)
+    if "data-path" in here.config:
         return load_node_data(
-            cfg.dataset,
-            cfg.partition,
-            str(settings.config["data-path"]),
-            int(cfg.seed),
-            settings.client_key(),
-            data_format=str(settings.config.get("data-format") or "") or None,
+            settings.dataset,
+            settings.partition,
+            str(here.config["data-path"]),
+            settings.seed,
+            here.client_key(),
+            data_format=str(here.config.get("data-format") or "") or None,
         )
-    partition_id, num_partitions = settings.partition()
-    return load_client_data(cfg.dataset, cfg.partition, partition_id, num_partitions, int(cfg.seed))
+    partition_id, num_partitions = here.partition()
+    return load_client_data(
+        settings.dataset, settings.partition, partition_id, num_partitions, settings.seed
+    )
 
 
 # --------------------------------------------------------------- private gate
@@ -126,15 +130,15 @@ class ContextGates(MutableMapping[int, Mapping[str, np.ndarray]]):
         return len(self._keys())
 
 
-def gate_store(cfg: DictConfig, context: Context) -> GateStore:
+def gate_store(settings: Settings, context: Context) -> GateStore:
     """Return this client's gate versions: in its context, and on disk if configured."""
-    directory = GateStore.directory_for(context.node_config, cfg, node(context).client_key())
+    directory = GateStore.directory_for(context.node_config, settings, node(context).client_key())
     return GateStore(ContextGates(context), directory)
 
 
-def load_gate_version(cfg: DictConfig, context: Context, latest_round: int) -> StoredGate | None:
+def load_gate_version(settings: Settings, context: Context, latest_round: int) -> StoredGate | None:
     """Return the newest gate trained in a round ``<= latest_round``, or None."""
-    return gate_store(cfg, context).load(latest_round)
+    return gate_store(settings, context).load(latest_round)
 
 
 class PhaseClock:
@@ -164,7 +168,7 @@ class PhaseClock:
 
 
 def personal_model(
-    cfg: DictConfig,
+    settings: Settings,
     msg: Message,
     context: Context,
     data: ClientData,
@@ -180,30 +184,30 @@ def personal_model(
     clock = clock or PhaseClock()
     experts = [int(e) for e in msg.content[proto.CONFIG][proto.EXPERTS]]
     with clock.phase("model"):
-        torch.manual_seed(int(cfg.seed) * 7_919 + node(context).seed_offset())  # gate's init
-        model = build_model(cfg.model, data.input_shape, data.num_classes, experts)
+        torch.manual_seed(settings.seed * 7_919 + node(context).seed_offset())  # gate's init
+        model = build_model(settings.model, data.input_shape, data.num_classes, experts)
     with clock.phase("decode"):
         load_arrays(model, proto.arrays_to_numpy(msg.content[proto.ARRAYS]))
-        if (gate := load_gate_version(cfg, context, gate_round)) is not None:
+        if (gate := load_gate_version(settings, context, gate_round)) is not None:
             load_arrays(model, gate.arrays)
-            inherit = str(cfg.train.get("new_expert_gate", "keep")) == "inherit"
+            inherit = settings.train.new_expert_gate == "inherit"
             if gate.held_experts is not None and inherit:
                 inherit_gate_rows(model, gate.held_experts.tolist())
     return model
 
 
 def evaluate_received(
-    cfg: DictConfig, msg: Message, model: MoEClassifier, data: ClientData
+    settings: Settings, msg: Message, model: MoEClassifier, data: ClientData
 ) -> MetricRecord:
     """Evaluate the model as received (own gate + assigned experts) on the local split.
 
     The global test split is added when the server asks for it (``evaluate.global_every``).
     """
-    device = resolve_device(str(cfg.train.device))
+    device = resolve_device(settings.train.device)
     splits = {"local": data.local_test}
     if bool(msg.content[proto.CONFIG].get(proto.GLOBAL_TEST, False)):
-        limit = int(cfg.evaluate.global_max_samples)
-        splits["global"] = evaluation_subset(data.global_test, limit, int(cfg.seed))
+        limit = settings.evaluate.global_max_samples
+        splits["global"] = evaluation_subset(data.global_test, limit, settings.seed)
     results = {}
     for name, split in splits.items():
         res = evaluate(model, torch.from_numpy(split.x), torch.from_numpy(split.y), device=device)
@@ -211,23 +215,23 @@ def evaluate_received(
     return MetricRecord(proto.encode_evaluation(results))
 
 
-def node_info(cfg: DictConfig, context: Context) -> ConfigRecord:
+def node_info(settings: Settings, context: Context) -> ConfigRecord:
     """Return what the server asks of a node: capacity, client key, partition count.
 
     The capacity is read anew each time (its ``capacity-file`` included): a node may
     report a new one with any reply. With ``capacity=auto`` the memory budget it was
     derived from goes along.
     """
-    settings = node(context)
-    report = settings.capacity_report(cfg)
+    here = node(context)
+    report = here.capacity_report(settings)
     info: dict[str, int | float] = {
         proto.CAPACITY: report.capacity,
-        proto.CLIENT_KEY: settings.client_key(),
+        proto.CLIENT_KEY: here.client_key(),
     }
     if report.memory_mb is not None:
         info[proto.MEMORY_MB] = float(report.memory_mb)
-    if "num-partitions" in settings.config and "data-path" not in settings.config:
-        info[proto.NUM_PARTITIONS] = int(settings.config["num-partitions"])
+    if "num-partitions" in here.config and "data-path" not in here.config:
+        info[proto.NUM_PARTITIONS] = int(here.config["num-partitions"])
     return ConfigRecord(info)
 
 
@@ -239,10 +243,10 @@ def query(msg: Message, context: Context) -> Message:
     weigh in an aggregation. Loading the data here also makes a missing or unreadable
     dataset a refusal before round 1, with its reason, not a failure in every round.
     """
-    cfg = run_config(msg)
+    settings = run_settings(msg)
     node(context).check_data_location()
-    info = node_info(cfg, context)
-    info[proto.NUM_EXAMPLES] = len(client_data(cfg, context).train)
+    info = node_info(settings, context)
+    info[proto.NUM_EXAMPLES] = len(client_data(settings, context).train)
     return Message(RecordDict({proto.INFO: info}), reply_to=msg)
 
 
@@ -253,52 +257,53 @@ def train(msg: Message, context: Context) -> Message:
     The received model is the previous round's aggregate: evaluating it here, before
     training, saves a second download of the same arrays.
     """
-    cfg = run_config(msg)
+    settings = run_settings(msg)
     server_round = int(msg.content[proto.CONFIG][proto.ROUND])
     key = node(context).client_key()
     # Failure injection for simulations (conf `faults:`): decided by (seed, round,
     # client) alone, so every run with the same seed fails the same way.
-    fault = draw_fault(cfg.get("faults"), int(cfg.seed), server_round, key)
+    fault = draw_fault(settings.faults, settings.seed, server_round, key)
     if fault.crash:
         raise InjectedCrashError(
             f"injected crash of client {key} in round {server_round} "
-            f"(faults.crash_prob={cfg.faults.crash_prob})"
+            f"(faults.crash_prob={settings.faults.crash_prob})"
         )
     if fault.delay_s > 0:
         time.sleep(fault.delay_s)
     clock = PhaseClock()
     with clock.phase("data"):
-        data = client_data(cfg, context)
-    model = personal_model(cfg, msg, context, data, server_round - 1, clock)
-    device = resolve_device(str(cfg.train.device))
+        data = client_data(settings, context)
+    model = personal_model(settings, msg, context, data, server_round - 1, clock)
+    train = settings.train
+    device = resolve_device(train.device)
     local_x, local_y = torch.from_numpy(data.local_test.x), torch.from_numpy(data.local_test.y)
     evaluation = heldout = None
     with clock.phase("evaluate"):
         if bool(msg.content[proto.CONFIG].get(proto.EVALUATE, False)):
-            evaluation = evaluate_received(cfg, msg, model, data)
-        if str(cfg.fitness.get("source", "train")) == "heldout":
+            evaluation = evaluate_received(settings, msg, model, data)
+        if settings.fitness.source == "heldout":
             heldout = heldout_feedback(model, local_x, local_y, device=device)
     training_began = time.perf_counter()
     result = train_local(
         model,
         torch.from_numpy(data.train.x),
         torch.from_numpy(data.train.y),
-        epochs=int(cfg.train.local_epochs),
-        batch_size=int(cfg.train.batch_size),
-        lr=round_lr(float(cfg.train.lr), float(cfg.train.lr_decay), server_round),
-        momentum=float(cfg.train.momentum),
-        weight_decay=float(cfg.train.weight_decay),
-        aux_loss_coef=float(cfg.train.aux_loss_coef),
+        epochs=train.local_epochs,
+        batch_size=train.batch_size,
+        lr=round_lr(train.lr, train.lr_decay, server_round),
+        momentum=train.momentum,
+        weight_decay=train.weight_decay,
+        aux_loss_coef=train.aux_loss_coef,
         device=device,
         seed=int(msg.content[proto.CONFIG][proto.SEED]) + node(context).seed_offset(),
-        augment=build_augment(cfg.dataset),
+        augment=build_augment(settings.dataset.preprocess.augment),
     )
     clock.seconds["train_step"] += result.step_time_s
     clock.seconds["train_other"] += time.perf_counter() - training_began - result.step_time_s
     with clock.phase("evaluate"):
         trained = evaluate(model, local_x, local_y, device=device)
     with clock.phase("encode"):
-        gate_store(cfg, context).save(server_round, gate_state(model), model.expert_ids)
+        gate_store(settings, context).save(server_round, gate_state(model), model.expert_ids)
         metrics = MetricRecord(
             {
                 proto.NUM_EXAMPLES: result.num_examples,
@@ -313,7 +318,7 @@ def train(msg: Message, context: Context) -> Message:
                 ),
                 proto.METRICS: metrics,
                 proto.FEEDBACK: MetricRecord(proto.encode_feedback(result.feedback)),
-                proto.INFO: node_info(cfg, context),
+                proto.INFO: node_info(settings, context),
             }
         )
         if evaluation is not None:
@@ -332,9 +337,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_final(msg: Message, context: Context) -> Message:
     """After the last round: evaluate the final model with the gate trained in it."""
-    cfg = run_config(msg)
-    data = client_data(cfg, context)
+    settings = run_settings(msg)
+    data = client_data(settings, context)
     server_round = int(msg.content[proto.CONFIG][proto.ROUND])
-    model = personal_model(cfg, msg, context, data, gate_round=server_round)
-    evaluation = evaluate_received(cfg, msg, model, data)
+    model = personal_model(settings, msg, context, data, gate_round=server_round)
+    evaluation = evaluate_received(settings, msg, model, data)
     return Message(RecordDict({proto.EVALUATION: evaluation}), reply_to=msg)

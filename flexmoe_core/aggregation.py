@@ -12,33 +12,28 @@ new expert, and ``num_examples = 1e15`` its backbone the new backbone.
 What a client can move is bounded by what an honest client can truthfully report:
 
 - **Examples** count at most what the client declared before the round (the server's
-  ``declared_examples``, e.g. from the capacity query) and at most
-  ``max_examples_ratio`` times the round's *low median* of reported examples (the
-  lower middle value: with two clients it is the smaller one, so one client cannot
-  raise the cap by itself). A capped client's usage is scaled down with it.
+  ``declared_examples``, from the capacity query) and at most ``max_examples_ratio``
+  times the low median of the participants' declared counts, lowered to their upper
+  fence Q3 + 3 IQR (:func:`flexmoe_core.robust.example_cap`): a minority's claims move
+  neither. A capped client's usage is scaled down with it.
 - **Usage** of one expert is at most the client's examples (a sample is routed to an
   expert at most once per epoch, and usage counts one epoch), and its usage summed
-  over its experts at most ``examples * min(top_k, experts held)`` (each sample goes
-  to ``top_k`` experts).
-- **Update size**: ``delta = update - global`` is clipped, per backbone and per
-  expert, to L2 norm ``max_update_rms * sqrt(n)`` (n: floating-point elements of that
-  backbone or expert), i.e. a root-mean-square change per element of at most
-  ``max_update_rms``. The default (1.0) is over 30 times the largest honest change
-  measured at the default learning rate (digits default run: 0.025 backbone, 0.031
-  expert; CPU CIFAR-10 preset: 0.023, 0.026; a paper-scale ResNet-18 client's first
-  round: 0.021, 0.010 — benchmarks/bench_update_norms.py). Per element, so one bound
-  fits models of any size; it only acts on updates SGD at sane settings does not make.
-- Optionally **robust aggregation** (``method=median`` or ``trimmed_mean``): the
-  coordinate-wise median or trimmed mean of the (clipped) updates, unweighted, ignores
-  a minority of outliers whatever their weights.
+  over its experts at most ``examples * min(top_k, experts held)``.
+- **Update size** (:mod:`flexmoe_core.update_bounds`): ``delta = update - global`` is
+  clipped, per backbone and per expert with 3 or more holders, to ``clip_multiple``
+  times the round's low median change of that group over its holders, and never above
+  ``max_update_rms`` per element; a delta beyond ``reject_multiple`` times that
+  reference is left out of the group.
+- **Robust combination** (``method=auto``, the default): per coordinate, the extreme
+  values (the ``trim_fraction`` share, at least one at each end from 3 holders on) are
+  dropped and the rest averaged with their weights, so one outlier never survives an
+  average over 3 or more holders.
 
-Hence one client moves an expert (or the backbone) by at most its bounded weight share
-times ``max_update_rms * sqrt(n)`` per round under ``mean``. Not covered: many
-colluding clients (a majority of an expert's holders owns it; the median needs a
-majority of honest holders), slow poisoning within the bounds over many rounds, the
-fitness feedback's effect on the allocation (it is range-checked only), integer
-buffers (BatchNorm ``num_batches_tracked``: averaged, never clipped; they do not feed
-back into training), and a malicious server (see :mod:`flexmoe_core.privacy`).
+Not covered: colluding clients that are a majority of an expert's holders, an expert
+with fewer than 3 holders (one of two can move it within the rejection bound), slow
+poisoning within the bounds, the fitness feedback's effect on the allocation (range
+checked only), integer buffers (BatchNorm ``num_batches_tracked``: averaged, never
+clipped), and a malicious server (see :mod:`flexmoe_core.privacy`).
 """
 
 from __future__ import annotations
@@ -46,12 +41,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from .fitness import ExpertFeedback
 from .robust import example_cap, trim_count, trimmed_weighted_mean
+from .settings import AggregationSettings
 from .update_bounds import (
     BACKBONE,
     clip_update,
@@ -122,37 +117,18 @@ class AggregationPolicy:
     reject_multiple: float | None = 50.0
     top_k: int | None = None
 
-    def __post_init__(self) -> None:
-        if self.expert_weighting not in WEIGHTINGS:
-            raise ValueError(f"expert_weighting={self.expert_weighting!r}: usage|num_examples")
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
-        if not 0.0 <= self.trim_fraction < 0.5:
-            raise ValueError(f"trim_fraction={self.trim_fraction}: must be in [0, 0.5)")
-        if self.max_examples_ratio is not None and not self.max_examples_ratio >= 1.0:
-            raise ValueError(f"max_examples_ratio={self.max_examples_ratio}: must be >= 1")
-        if self.max_update_rms is not None and not self.max_update_rms > 0.0:
-            raise ValueError(f"max_update_rms={self.max_update_rms}: must be > 0")
-        if self.clip_multiple is not None and not self.clip_multiple >= 1.0:
-            raise ValueError(f"clip_multiple={self.clip_multiple}: must be >= 1")
-        if self.reject_multiple is not None and not self.reject_multiple >= 1.0:
-            raise ValueError(f"reject_multiple={self.reject_multiple}: must be >= 1")
-
     @classmethod
-    def from_config(cls, cfg: Any) -> AggregationPolicy:
-        """Build from a run configuration (``aggregation.*`` and ``model.top_k``)."""
-        agg = cfg.aggregation
-        ratio, rms = agg.get("max_examples_ratio"), agg.get("max_update_rms")
-        multiple, far = agg.get("clip_multiple"), agg.get("reject_multiple")
+    def from_settings(cls, aggregation: AggregationSettings, top_k: int) -> AggregationPolicy:
+        """Build from ``aggregation.*`` and ``model.top_k`` (checked by the schema)."""
         return cls(
-            expert_weighting=str(agg.expert_weighting),
-            method=str(agg.get("method", "auto")),
-            trim_fraction=float(agg.get("trim_fraction", 0.2)),
-            max_examples_ratio=None if ratio is None else float(ratio),
-            max_update_rms=None if rms is None else float(rms),
-            clip_multiple=None if multiple is None else float(multiple),
-            reject_multiple=None if far is None else float(far),
-            top_k=int(cfg.model.top_k),
+            expert_weighting=aggregation.expert_weighting,
+            method=aggregation.method,
+            trim_fraction=aggregation.trim_fraction,
+            max_examples_ratio=aggregation.max_examples_ratio,
+            max_update_rms=aggregation.max_update_rms,
+            clip_multiple=aggregation.clip_multiple,
+            reject_multiple=aggregation.reject_multiple,
+            top_k=top_k,
         )
 
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from .records import RoundRecord
+from .settings import FaultSettings
 
 
 @dataclass(frozen=True)
@@ -34,14 +34,9 @@ class BackoffPolicy:
     max_rounds: int = 16
 
     @classmethod
-    def from_config(cls, faults: Mapping[str, Any] | None) -> BackoffPolicy:
+    def from_settings(cls, faults: FaultSettings) -> BackoffPolicy:
         """Read ``faults.backoff_after``, ``backoff_rounds`` and ``backoff_max_rounds``."""
-        faults = faults or {}
-        return cls(
-            int(faults.get("backoff_after", cls.after)),
-            int(faults.get("backoff_rounds", cls.rounds)),
-            int(faults.get("backoff_max_rounds", cls.max_rounds)),
-        )
+        return cls(faults.backoff_after, faults.backoff_rounds, faults.backoff_max_rounds)
 
 
 def benched(

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from omegaconf import DictConfig
+
+from .settings import CapacitySettings
 
 # The node config's ``capacity`` value that derives K from a memory budget.
 AUTO = "auto"
@@ -23,30 +24,20 @@ class CapacityReport:
     memory_mb: float | None = None
 
 
-def simulated_capacity(
-    capacity_cfg: DictConfig, partition_id: int, num_experts: int, seed: int
-) -> int:
+def simulated_capacity(capacity: CapacitySettings, partition_id: int, seed: int) -> int:
     """Return k_c of simulated client ``partition_id`` under the configured profile.
 
     ``constant`` gives ``value``; ``list`` cycles ``values`` over partition ids;
     ``uniform`` draws an integer in ``[low, high]`` seeded by (seed, partition id).
+    The schema has checked the profile and that every k_c lies in [1, E].
     """
-    profile = capacity_cfg.profile
-    if profile == "constant":
-        value = capacity_cfg.value
-    elif profile == "list":
-        values = list(capacity_cfg["values"])
-        if not values:
-            raise ValueError("capacity.profile=list needs a non-empty capacity.values")
-        value = values[partition_id % len(values)]
-    elif profile == "uniform":
-        low, high = int(capacity_cfg.low), int(capacity_cfg.high)
-        if low > high:
-            raise ValueError(f"capacity.low={low} > capacity.high={high}")
-        value = int(np.random.default_rng([seed, partition_id]).integers(low, high + 1))
-    else:
-        raise ValueError(f"capacity.profile={profile!r}: choose constant, list or uniform")
-    return parse_capacity(value, num_experts, source=f"capacity profile {profile!r}")
+    if capacity.profile == "constant":
+        return int(capacity.value)  # type: ignore[arg-type]
+    if capacity.profile == "list":
+        values = capacity.values or ()
+        return values[partition_id % len(values)]
+    low, high = int(capacity.low), int(capacity.high)  # type: ignore[arg-type]
+    return int(np.random.default_rng([seed, partition_id]).integers(low, high + 1))
 
 
 def parse_capacity(value: object, num_experts: int, source: str = "node config") -> int:

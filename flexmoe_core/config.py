@@ -25,11 +25,14 @@ from .config_schema import (
     declared_keys,
     lenient,
 )
+from .settings import Settings, settings_from_plain
 
 __all__ = [
     "ConfigError",
     "conf_dir",
     "load_config",
+    "load_settings",
+    "settings_from_config",
     "split_overrides",
     "to_container",
     "validate_config",
@@ -135,3 +138,24 @@ def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` listing every key that breaks its rule in ``config_schema``."""
     if problems := config_problems(cfg, conf_dir()):
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def settings_from_config(cfg: DictConfig | dict[str, Any]) -> Settings:
+    """Return the typed :class:`Settings` of a configuration ``load_config`` validated.
+
+    Validation stays in the schema (:func:`validate_config`), the one place each setting
+    is checked; this only types the values. A configuration that did not come from
+    :func:`load_config` (the run configuration a client receives) is typed as well, and
+    a missing key or a value of the wrong kind raises :class:`ConfigError`, so garbage
+    is never silently accepted.
+    """
+    plain = to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+    try:
+        return settings_from_plain(plain)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def load_settings(overrides: str | Sequence[str] | None = None) -> Settings:
+    """Compose, validate and type the configuration (``load_config`` then the settings)."""
+    return settings_from_config(load_config(overrides))

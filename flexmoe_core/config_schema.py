@@ -1,5 +1,8 @@
 """The configuration schema: one row per setting, checked once Hydra has composed ``conf/``.
 
+The keys declared under ``conf/`` and the check of overrides against them, before
+Hydra composes, are in :mod:`flexmoe_core.config_keys` (re-exported here).
+
 Every key a run reads has one :class:`Setting` row in :data:`SETTINGS`: its type, its
 range or choices, and what it means. A bad value is refused with a message that names
 the key, the value, the rule and a fix (``num_rounds='abc': expected an integer ...;
@@ -26,9 +29,8 @@ import difflib
 import importlib.util
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,17 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .allocation.registry import STRATEGY_NAMES
 from .backbones import BACKBONES, moe_cut_problems
-from .data import DatasetError, Normaliser, build_augment
+from .config_keys import (
+    LENIENT_PREFIXES,
+    ConfigError,
+    DeclaredKeys,
+    check_overrides,
+    declared_keys,
+    flatten_keys,
+    lenient,
+    unknown_key_problem,
+)
+from .data import DatasetError, Normaliser
 from .data.groups import GROUP_TRANSFORMS
 from .data.partition import PARTITION_TYPES
 from .data.raw import SOURCES
@@ -44,15 +56,22 @@ from .faults import validate_faults
 from .fitness import COLD_STARTS, FITNESS_SOURCES
 from .model import DISPATCH_MODES
 
-# Subtrees whose keys are not checked here (the sweep entry point reads them).
-LENIENT_PREFIXES = ("sweep",)
+__all__ = [
+    "LENIENT_PREFIXES",
+    "SETTINGS",
+    "ConfigError",
+    "DeclaredKeys",
+    "Setting",
+    "check_overrides",
+    "config_problems",
+    "declared_keys",
+    "lenient",
+    "unchecked_keys",
+]
+
 # Groups whose declared keys without a row are accepted unchecked (see module docstring).
 UNCHECKED_GROUP_KEYS = ("model",)
 STRATEGIES = STRATEGY_NAMES
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names every bad key and its fix."""
 
 
 Check = Callable[[Any, DictConfig], list[str]]
@@ -144,14 +163,6 @@ def _preprocess(value: Any, cfg: DictConfig) -> list[str]:
         return []  # input_shape's own row reports it
     try:
         Normaliser.from_config(value, int(shape[0]))
-    except DatasetError as err:
-        return [str(err)]
-    return []
-
-
-def _augment(value: Any, cfg: DictConfig) -> list[str]:
-    try:
-        build_augment({"preprocess": {"augment": value}})
     except DatasetError as err:
         return [str(err)]
     return []
@@ -452,9 +463,8 @@ SETTINGS: tuple[Setting, ...] = (
     S(
         "dataset.preprocess.augment",
         "bool|null|mapping",
-        meaning="training augmentation",
+        meaning="training augmentation (false, true or crop_padding and horizontal_flip)",
         required=False,
-        check=_augment,
     ),
     S(
         "dataset.preprocess.augment.crop_padding",
@@ -509,150 +519,6 @@ del S
 
 _BY_KEY = {s.key: s for s in SETTINGS}
 assert len(_BY_KEY) == len(SETTINGS), "a key has two rows"
-
-
-# ---------------------------------------------------------- keys declared in conf/
-@dataclass(frozen=True)
-class DeclaredKeys:
-    """Every key the files under ``conf/`` declare, with where and a default value."""
-
-    leaves: Mapping[str, Any]  # dotted key -> first value seen (a default for messages)
-    owners: Mapping[str, tuple[str, ...]]  # dotted key -> group options declaring it
-    groups: Mapping[str, tuple[str, ...]]  # group -> its options
-
-    def known(self, key: str) -> bool:
-        """Whether ``key`` is a declared key or an ancestor of one."""
-        return key in self.leaves or any(k.startswith(key + ".") for k in self.leaves)
-
-    def covers(self, key: str) -> bool:
-        """Whether ``key`` or an ancestor of it is a declared key (or lenient)."""
-        parts = key.split(".")
-        return lenient(key) or any(
-            ".".join(parts[:i]) in self.leaves for i in range(1, len(parts) + 1)
-        )
-
-    def closest(self, key: str) -> str | None:
-        """Return the declared key or group most like ``key``."""
-        names = set(self.leaves) | set(self.groups)
-        names |= {k.rsplit(".", 1)[0] for k in self.leaves if "." in k}
-        match = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
-        return match[0] if match else None
-
-
-def lenient(key: str) -> bool:
-    """Whether ``key`` lies in a subtree this schema does not check."""
-    return any(key == p or key.startswith(p + ".") for p in LENIENT_PREFIXES)
-
-
-def _flatten(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(node, Mapping) and node:
-        for name, value in node.items():
-            yield from _flatten(value, f"{prefix}.{name}" if prefix else str(name))
-    elif prefix:
-        yield prefix, node
-
-
-def _package(path: Path, default: str) -> str | None:
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if match := re.match(r"#\s*@package\s+(\S+)", line):
-                return "" if match[1] == "_global_" else match[1]
-            if line.strip() and not line.startswith("#"):
-                break
-    return default
-
-
-@lru_cache(maxsize=4)
-def declared_keys(conf: Path) -> DeclaredKeys:
-    """Read every YAML file of the Hydra tree ``conf`` (Hydra's own group excluded)."""
-    leaves: dict[str, Any] = {}
-    owners: dict[str, list[str]] = {}
-    groups: dict[str, list[str]] = {}
-    files = [(conf / "config.yaml", "", "")]
-    for group_dir in sorted(p for p in conf.iterdir() if p.is_dir() and p.name != "hydra"):
-        groups[group_dir.name] = []
-        for path in sorted(group_dir.glob("*.yaml")):
-            groups[group_dir.name].append(path.stem)
-            files.append((path, group_dir.name, f"{group_dir.name}={path.stem}"))
-    for path, group, owner in files:
-        package = _package(path, group)
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        if not isinstance(data, dict):
-            continue  # an empty file declares nothing
-        data.pop("defaults", None)
-        data.pop("hydra", None)
-        for key, value in _flatten(data, package or ""):
-            leaves.setdefault(key, value)
-            if owner and package == group:
-                owners.setdefault(key, []).append(owner)
-    return DeclaredKeys(
-        leaves,
-        {k: tuple(v) for k, v in owners.items()},
-        {k: tuple(v) for k, v in groups.items()},
-    )
-
-
-# ----------------------------------------------------------- checking the overrides
-def check_overrides(overrides: Sequence[str], conf: Path) -> None:
-    """Refuse overrides of keys nothing declares, before Hydra composes them.
-
-    Raises
-    ------
-    ConfigError
-        For an unknown key or group option (with the closest known one), and for an
-        addition (``+key``) outside ``sweep.``.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    declared = declared_keys(conf)
-    errors = []
-    for override in OverridesParser.create().parse_overrides(list(overrides)):
-        key = override.key_or_group
-        text = override.input_line
-        hydras = key == "hydra" or key.startswith(("hydra.", "hydra/"))
-        if hydras or lenient(key) or override.is_delete():
-            continue
-        if key in declared.groups:
-            errors += _group_option_problems(override, declared)
-            continue
-        if override.is_add() or override.is_force_add():
-            errors.append(_addition_problem(text, key, declared))
-        elif not declared.known(key):
-            errors.append(f"{text}: {_unknown(key, declared)}")
-    if errors:
-        raise ConfigError("Invalid overrides:\n  - " + "\n  - ".join(errors))
-
-
-def _unknown(key: str, declared: DeclaredKeys) -> str:
-    suggestion = declared.closest(key)
-    hint = f"did you mean {suggestion}?" if suggestion else "see conf/config.yaml for the keys"
-    return f"{key} is not a setting; {hint}"
-
-
-def _addition_problem(text: str, key: str, declared: DeclaredKeys) -> str:
-    bare = text.lstrip("+")
-    if key in declared.owners:
-        where = " or ".join(declared.owners[key])
-        return (
-            f"{text}: '+' adds a key the selected option lacks, and nothing would read "
-            f"it; {key} belongs to {where}: select that, then set {bare}"
-        )
-    if declared.known(key):
-        return f"{text}: {key} is already a setting; write {bare} without '+'"
-    return f"{text}: {_unknown(key, declared)} ('+' adds keys; only sweep.* may be added)"
-
-
-def _group_option_problems(override: Any, declared: DeclaredKeys) -> list[str]:
-    group, value = override.key_or_group, override.value()
-    options = declared.groups[override.key_or_group]
-    if override.is_sweep_override() or value is None or not isinstance(value, str):
-        return []  # Hydra reports these itself
-    if value in options:
-        return []
-    match = difflib.get_close_matches(value, options, n=1, cutoff=0.5)
-    hint = f"did you mean {group}={match[0]}? " if match else ""
-    choices = ", ".join(options)
-    return [f"{override.input_line}: no option {value!r} in {group}; {hint}choose {choices}"]
 
 
 # ------------------------------------------------------------- checking the result
@@ -785,9 +651,9 @@ def config_problems(cfg: DictConfig, conf: Path) -> list[str]:
     """Return what is wrong with a composed, resolved configuration (empty if valid)."""
     declared = declared_keys(conf)
     errors: dict[str, str] = {}
-    for key, _ in _flatten(cfg):
+    for key, _ in flatten_keys(cfg):
         if not declared.covers(key):
-            errors[key] = f"{key}: {_unknown(key, declared)}"
+            errors[key] = f"{key}: {unknown_key_problem(key, declared)}"
     checks, cross = [], []
     for setting in SETTINGS:
         if not setting.applies(cfg):

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from .data.images import IMAGE_SUFFIXES, decode_image
@@ -40,6 +40,7 @@ from .data.sources import Normaliser
 from .gate_store import gate_dir, load_gate
 from .model import BACKBONE_PREFIX, GATE_PREFIX, MoEClassifier, build_model, split_expert_key
 from .results import CONFIG_FILE, METRICS_FILE, MODEL_FILE, read_records
+from .settings import DatasetSettings, Settings
 
 TORCHSCRIPT_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
@@ -56,7 +57,7 @@ class Personalised:
     """A client's model as the framework runs it, and where its parts came from."""
 
     model: MoEClassifier
-    cfg: DictConfig
+    settings: Settings
     client_key: int
     experts: list[int]
     gate_round: int
@@ -65,13 +66,14 @@ class Personalised:
     sizes: dict[str, int] = field(default_factory=dict)  # bytes: trunk, gate, expert, dense
 
 
-def _read_config(run_dir: Path) -> DictConfig:
+def _read_settings(run_dir: Path) -> Settings:
+    """Return the typed settings of the run's ``config.yaml`` (validated when it ran)."""
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise ExportError(f"{run_dir} is not a run folder: it has no {CONFIG_FILE}")
-    cfg = OmegaConf.load(path)
-    assert isinstance(cfg, DictConfig)
-    return cfg
+    plain = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    assert isinstance(plain, dict)
+    return Settings.from_dict(plain)
 
 
 def _client_key(root: Path, client_key: int | None) -> int:
@@ -134,12 +136,12 @@ def load_personalised(
         If a file is missing or does not fit the others.
     """
     run_dir = Path(run_dir).expanduser()
-    cfg = _read_config(run_dir)
-    if not cfg.get("run_name"):
+    settings = _read_settings(run_dir)
+    if not settings.run_name:
         raise ExportError(f"{run_dir}/{CONFIG_FILE} sets no run_name: no client kept a gate")
-    root = Path(state_dir).expanduser() / str(cfg.run_name)
+    root = Path(state_dir).expanduser() / settings.run_name
     key = _client_key(root, client_key)
-    found = load_gate(gate_dir(state_dir, str(cfg.run_name), key), 10**9)
+    found = load_gate(gate_dir(state_dir, settings.run_name, key), 10**9)
     if found is None:
         raise ExportError(f"{root / f'client-{key}'} holds no gate version (gate-r<round>.npz)")
     gate_round, stored = found
@@ -149,9 +151,9 @@ def load_personalised(
         raise ExportError(f"{run_dir} has no {MODEL_FILE}: the run has not finished")
     with np.load(run_dir / MODEL_FILE, allow_pickle=False) as data:
         arrays = {k: np.asarray(data[k]) for k in data.files}
-    shape = tuple(int(s) for s in cfg.dataset.input_shape)
-    num_classes = int(cfg.dataset.num_classes)
-    model = build_model(cfg.model, shape, num_classes, experts)
+    shape = settings.dataset.input_shape
+    num_classes = settings.dataset.num_classes
+    model = build_model(settings.model, shape, num_classes, experts)
     held = {**gate}
     for name, value in arrays.items():
         parsed = split_expert_key(name)
@@ -165,7 +167,7 @@ def load_personalised(
     model.eval()
     experts_bytes = [
         sum(a.nbytes for n, a in arrays.items() if (p := split_expert_key(n)) and p[0] == e)
-        for e in range(int(cfg.model.num_experts))
+        for e in range(settings.model.num_experts)
     ]
     sizes = {
         "trunk": _bytes(arrays, BACKBONE_PREFIX),
@@ -176,7 +178,7 @@ def load_personalised(
         + sum(experts_bytes[e] for e in experts),
         "dense": _bytes(arrays, BACKBONE_PREFIX) + sum(experts_bytes),
     }
-    return Personalised(model, cfg, key, experts, gate_round, shape, num_classes, sizes)  # type: ignore[arg-type]
+    return Personalised(model, settings, key, experts, gate_round, shape, num_classes, sizes)  # type: ignore[arg-type]
 
 
 class Deployable(nn.Module):
@@ -210,7 +212,9 @@ class Deployable(nn.Module):
 
 def deployable(personal: Personalised) -> Deployable:
     """Return the personalised model wrapped for export (see :class:`Deployable`)."""
-    normaliser = Normaliser.from_config(personal.cfg.dataset.preprocess, personal.input_shape[0])
+    normaliser = Normaliser.from_settings(
+        personal.settings.dataset.preprocess, personal.input_shape[0]
+    )
     return Deployable(personal.model, normaliser).eval()
 
 
@@ -234,11 +238,11 @@ class ExportResult:
     personal: Personalised
 
 
-def _class_names(cfg: DictConfig) -> list[str]:
-    classes = cfg.dataset.get("classes")
-    if classes and len(classes) == int(cfg.dataset.num_classes):
+def _class_names(dataset: DatasetSettings) -> list[str]:
+    classes = dataset.classes
+    if classes and len(classes) == dataset.num_classes:
         return [str(c) for c in classes]
-    return [str(i) for i in range(int(cfg.dataset.num_classes))]
+    return [str(i) for i in range(dataset.num_classes)]
 
 
 def export(
@@ -257,7 +261,7 @@ def export(
     out = Path(
         out_dir
         or Path(state_dir).expanduser()
-        / str(personal.cfg.run_name)
+        / str(personal.settings.run_name)
         / f"client-{personal.client_key}"
         / "export"
     )
@@ -267,10 +271,10 @@ def export(
         traced = torch.jit.trace(module, example)
     meta = {
         "input_shape": list(personal.input_shape),
-        "classes": _class_names(personal.cfg),
+        "classes": _class_names(personal.settings.dataset),
         "client_key": personal.client_key,
         "experts": personal.experts,
-        "num_experts": int(personal.cfg.model.num_experts),
+        "num_experts": personal.settings.model.num_experts,
         "gate_round": personal.gate_round,
         "run": str(Path(run_dir).expanduser().resolve()),
     }
@@ -312,7 +316,7 @@ def size_report(result: ExportResult) -> str:
     """Say what was saved and how its size compares with the dense model's."""
     p = result.personal
     s = p.sizes
-    k, e = len(p.experts), int(p.cfg.model.num_experts)
+    k, e = len(p.experts), p.settings.model.num_experts
     lines = [
         f"client {p.client_key}: experts {p.experts} of {e}, gate of round {p.gate_round}",
         f"TorchScript: {result.torchscript} ({result.torchscript.stat().st_size / KIB:.1f} KiB)",

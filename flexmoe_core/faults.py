@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .settings import FaultSettings
+
 # Mixed into the seed so fault draws never coincide with other streams seeded by
 # (seed, round) such as participant sampling.
 _FAULT_STREAM = 0xFA17
@@ -53,16 +55,14 @@ def validate_faults(faults: Mapping[str, Any]) -> list[str]:
     return errors
 
 
-def draw_fault(
-    faults: Mapping[str, Any] | None, seed: int, server_round: int, client_key: int
-) -> Fault:
+def draw_fault(faults: FaultSettings, seed: int, server_round: int, client_key: int) -> Fault:
     """Return the fault injected into ``client_key``'s training in ``server_round``.
 
     Parameters
     ----------
-    faults : mapping or None
-        The ``faults:`` config section: ``crash_prob``, ``straggle_prob``,
-        ``straggle_s``. ``None`` or all-zero probabilities inject nothing.
+    faults : FaultSettings
+        The ``faults.*`` settings: ``crash_prob``, ``straggle_prob``, ``straggle_s``.
+        All-zero probabilities inject nothing.
     seed : int
         The run's seed.
     server_round : int
@@ -75,10 +75,7 @@ def draw_fault(
     Fault
         A crash wins over a delay: a crashing client does not also straggle.
     """
-    if not faults:
-        return NO_FAULT
-    crash_p = float(faults.get("crash_prob", 0.0))
-    straggle_p = float(faults.get("straggle_prob", 0.0))
+    crash_p, straggle_p = faults.crash_prob, faults.straggle_prob
     if crash_p <= 0.0 and straggle_p <= 0.0:
         return NO_FAULT
     # Two uniforms drawn together, so changing one probability does not reshuffle
@@ -89,5 +86,5 @@ def draw_fault(
     if crash_u < crash_p:
         return Fault(crash=True)
     if straggle_u < straggle_p:
-        return Fault(delay_s=float(faults.get("straggle_s", 0.0)))
+        return Fault(delay_s=faults.straggle_s)
     return NO_FAULT

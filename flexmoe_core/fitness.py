@@ -71,14 +71,7 @@ class FitnessTable:
         cold_start: str = "q0",
         decay: float = 0.0,
     ) -> None:
-        if signal not in ("loss", "accuracy"):
-            raise ValueError(f"signal={signal!r}: choose 'loss' or 'accuracy'")
-        if not 0.0 < beta <= 1.0:
-            raise ValueError(f"beta={beta}: must be in (0, 1]")
-        if cold_start not in COLD_STARTS:
-            raise ValueError(f"cold_start={cold_start!r}: choose one of {COLD_STARTS}")
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay={decay}: must be in [0, 1]")
+        # The settings are checked once, by the schema (fitness.* rows).
         self.num_experts = num_experts
         self.q0, self.beta, self.signal, self.alpha = q0, beta, signal, alpha
         self.cold_start, self.decay_rate = cold_start, decay

@@ -26,6 +26,7 @@ the process's resident memory before training) and the node's dataset in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,9 +34,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from .model import build_model
+from .settings import ModelSettings
 from .training import make_optimizer, train_step
 
 MIB = 2**20
@@ -73,16 +74,16 @@ def _tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
 
 
 def _step_bytes(
-    model_cfg: DictConfig, input_shape: Sequence[int], num_classes: int, experts: int, batch: int
+    settings: ModelSettings, input_shape: Sequence[int], num_classes: int, experts: int, batch: int
 ) -> int:
     """Return the bytes one training step of a model holding ``experts`` experts keeps."""
     # Two experts at least, so that a one-expert model (a baseline) is measured too; the
     # gate's width follows E, a few hundred bytes.
-    cfg = OmegaConf.merge(
-        model_cfg, {"dispatch": "dense", "num_experts": max(2, int(model_cfg.num_experts))}
+    measured = dataclasses.replace(
+        settings, dispatch="dense", num_experts=max(2, settings.num_experts)
     )
     torch.manual_seed(0)
-    model = build_model(cfg, input_shape, num_classes, list(range(experts)))  # type: ignore[arg-type]
+    model = build_model(measured, input_shape, num_classes, list(range(experts)))
     model.train()
     optimizer = make_optimizer(model, lr=0.01, momentum=0.9)
     x = torch.randn(batch, *input_shape)
@@ -104,23 +105,21 @@ def _step_bytes(
 
 
 @lru_cache(maxsize=8)
-def _measure(model_json: str, input_shape: tuple[int, ...], num_classes: int, batch: int):
-    model_cfg = OmegaConf.create(model_json)
-    one = _step_bytes(model_cfg, input_shape, num_classes, 1, batch)  # type: ignore[arg-type]
-    two = _step_bytes(model_cfg, input_shape, num_classes, 2, batch)  # type: ignore[arg-type]
+def _measure(model: ModelSettings, input_shape: tuple[int, ...], num_classes: int, batch: int):
+    one = _step_bytes(model, input_shape, num_classes, 1, batch)
+    two = _step_bytes(model, input_shape, num_classes, 2, batch)
     return Footprint(trunk_bytes=2 * one - two, expert_bytes=two - one, batch_size=batch)
 
 
 def measure_footprint(
-    model_cfg: DictConfig, input_shape: Sequence[int], num_classes: int, batch_size: int
+    model: ModelSettings, input_shape: Sequence[int], num_classes: int, batch_size: int
 ) -> Footprint:
     """Measure the trunk's and one expert's training memory (see the module docstring).
 
     Cached per (model, input shape, classes, batch size): a node measures once per run.
     """
-    text = OmegaConf.to_yaml(model_cfg, resolve=True)
     with torch.random.fork_rng():  # the caller's seeds stay as they were
-        return _measure(text, tuple(int(s) for s in input_shape), int(num_classes), batch_size)
+        return _measure(model, tuple(int(s) for s in input_shape), int(num_classes), batch_size)
 
 
 def available_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:

@@ -29,6 +29,7 @@ import numpy as np
 
 from .checkpoint import CheckpointError
 from .results import atomic_write_bytes
+from .settings import Settings
 
 # Stored with each gate version beside its arrays: the experts the client held when the
 # gate trained.
@@ -127,17 +128,17 @@ class GateStore:
 
     @staticmethod
     def directory_for(
-        node_config: Mapping[str, Any], cfg: Mapping[str, Any], client_key: int
+        node_config: Mapping[str, Any], settings: Settings, client_key: int
     ) -> Path | None:
         """Return the folder of this run's gate versions on the node, if one is configured.
 
         The node config's ``state-dir`` wins over the run's ``checkpoint.client_dir``;
         without either, or without a run name, versions stay in memory only.
         """
-        root = node_config.get("state-dir") or cfg.get("checkpoint", {}).get("client_dir")
-        if not root or not cfg.get("run_name"):
+        root = node_config.get("state-dir") or settings.checkpoint.client_dir
+        if not root or not settings.run_name:
             return None
-        return gate_dir(str(root), str(cfg["run_name"]), client_key)
+        return gate_dir(str(root), settings.run_name, client_key)
 
     def load(self, latest_round: int) -> StoredGate | None:
         """Return the newest gate trained in a round ``<= latest_round``, or None.

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from .backbones import Stage, moe_cut_problems, network_stages
+from .backbones import Stage, network_stages
+from .settings import ModelSettings
 
 BACKBONE_PREFIX = "backbone."
 EXPERT_PREFIX = "experts."
@@ -172,44 +172,44 @@ class MoEClassifier(nn.Module):
 
 
 def split_stages(
-    model_cfg: DictConfig, in_channels: int, num_classes: int
+    model: ModelSettings, in_channels: int, num_classes: int
 ) -> tuple[list[Stage], list[Stage]]:
-    """Return (trunk stages, expert stages) of ``model_cfg``, cut at ``model_cfg.moe_from``."""
+    """Return (trunk stages, expert stages) of ``model``, cut at ``model.moe_from``.
+
+    The schema has checked the cut (``model.moe_from``) for the run's backbone.
+    """
     stages = network_stages(
-        model_cfg.backbone,
+        model.backbone,
         in_channels,
         num_classes,
-        int(model_cfg.width),
-        int(model_cfg.get("feature_dim", 64)),
-        bool(model_cfg.get("pool", False)),
+        int(model.width),  # type: ignore[arg-type]
+        model.feature_dim,
+        model.pool,
     )
-    moe_from = str(model_cfg.moe_from)
-    if problems := moe_cut_problems(str(model_cfg.backbone), moe_from):
-        raise ValueError(f"model.moe_from={moe_from!r}: {problems[0]}")
     names = [s.name for s in stages]
-    cut = names.index(moe_from)
+    cut = names.index(model.moe_from)
     return stages[:cut], stages[cut:]
 
 
 def build_model(
-    model_cfg: DictConfig,
+    model: ModelSettings,
     input_shape: Sequence[int],
     num_classes: int,
     expert_ids: Sequence[int] | None = None,
 ) -> MoEClassifier:
-    """Build the model of ``model_cfg`` holding ``expert_ids`` (default: all experts)."""
-    ids = range(model_cfg.num_experts) if expert_ids is None else expert_ids
-    trunk_stages, expert_stages = split_stages(model_cfg, int(input_shape[0]), num_classes)
+    """Build the model of ``model`` holding ``expert_ids`` (default: all experts)."""
+    ids = range(model.num_experts) if expert_ids is None else expert_ids
+    trunk_stages, expert_stages = split_stages(model, int(input_shape[0]), num_classes)
     trunk = nn.Sequential(OrderedDict((s.name, s.build()) for s in trunk_stages))
     return MoEClassifier(
         trunk,
         trunk_stages[-1].out_channels,
         expert_stages,
         num_classes,
-        model_cfg.num_experts,
+        model.num_experts,
         ids,
-        model_cfg.top_k,
-        str(model_cfg.get("dispatch", "sparse")),
+        model.top_k,
+        model.dispatch,
     )
 
 

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
 from .capacity import AUTO, CapacityReport, parse_capacity, simulated_capacity
 from .data import DatasetError
 from .data.files import resolve_paths
+from .settings import Settings
 
 
 @dataclass(frozen=True)
@@ -77,11 +76,11 @@ class NodeSettings:
         """Return the client's share of the seeds: its key, folded into torch's range."""
         return self.client_key() % 2**31
 
-    def capacity(self, cfg: DictConfig) -> int:
+    def capacity(self, settings: Settings) -> int:
         """Return k_c (see :meth:`capacity_report`)."""
-        return self.capacity_report(cfg).capacity
+        return self.capacity_report(settings).capacity
 
-    def capacity_report(self, cfg: DictConfig) -> CapacityReport:
+    def capacity_report(self, settings: Settings) -> CapacityReport:
         """Return k_c, and the memory budget it was derived from with ``capacity=auto``.
 
         The node config's ``capacity`` (K or ``auto``) if set, lowered by the
@@ -94,23 +93,23 @@ class NodeSettings:
             holds no expert, the capacity file is unreadable, or a ``data-path`` node
             declares no capacity; the message names the node and the setting to fix.
         """
-        num_experts = int(cfg.model.num_experts)
+        num_experts = settings.model.num_experts
         if "capacity" not in self.config:
             if "data-path" in self.config:
                 raise ValueError(
                     f"{self.describe()} sets data-path but no capacity; add capacity=K "
                     f'(1 <= K <= {num_experts}) or capacity="auto" to its --node-config'
                 )
-            k = simulated_capacity(cfg.capacity, self.partition()[0], num_experts, int(cfg.seed))
-            return self._lowered_by_file(cfg, CapacityReport(k))
+            k = simulated_capacity(settings.capacity, self.partition()[0], settings.seed)
+            return self._lowered_by_file(settings, CapacityReport(k))
         return self._lowered_by_file(
-            cfg, self._declared(cfg, self.config["capacity"], "the node config")
+            settings, self._declared(settings, self.config["capacity"], "the node config")
         )
 
-    def _declared(self, cfg: DictConfig, value: object, where: str) -> CapacityReport:
-        num_experts = int(cfg.model.num_experts)
+    def _declared(self, settings: Settings, value: object, where: str) -> CapacityReport:
+        num_experts = settings.model.num_experts
         if str(value).strip().lower() == AUTO:
-            return self._from_memory(cfg)
+            return self._from_memory(settings)
         try:
             return CapacityReport(
                 parse_capacity(value, num_experts, source=f"{where} of {self.describe()}")
@@ -121,7 +120,7 @@ class NodeSettings:
                 f'1 <= K <= {num_experts}, or capacity="auto")'
             ) from None
 
-    def _from_memory(self, cfg: DictConfig) -> CapacityReport:
+    def _from_memory(self, settings: Settings) -> CapacityReport:
         # Imported here: torch's autograd machinery is only needed by capacity=auto.
         from .footprint import MIB, measure_footprint, memory_budget_bytes
 
@@ -130,12 +129,12 @@ class NodeSettings:
         except ValueError as err:
             raise ValueError(f"{self.describe()}: {err}") from None
         footprint = measure_footprint(
-            cfg.model,
-            list(cfg.dataset.input_shape),
-            int(cfg.dataset.num_classes),
-            int(cfg.train.batch_size),
+            settings.model,
+            list(settings.dataset.input_shape),
+            settings.dataset.num_classes,
+            settings.train.batch_size,
         )
-        k = footprint.capacity(budget, int(cfg.model.num_experts))
+        k = footprint.capacity(budget, settings.model.num_experts)
         if k < 1:
             raise ValueError(
                 f"{self.describe()}: capacity=auto: the memory budget ({origin}, "
@@ -145,7 +144,7 @@ class NodeSettings:
             )
         return CapacityReport(k, memory_mb=budget / MIB)
 
-    def _lowered_by_file(self, cfg: DictConfig, declared: CapacityReport) -> CapacityReport:
+    def _lowered_by_file(self, settings: Settings, declared: CapacityReport) -> CapacityReport:
         if "capacity-file" not in self.config:
             return declared
         path = Path(str(self.config["capacity-file"])).expanduser()
@@ -157,7 +156,7 @@ class NodeSettings:
             raise ValueError(
                 f"{self.describe()}: capacity-file {path} cannot be read ({err.strerror})"
             ) from None
-        from_file = self._declared(cfg, text, f"capacity-file {path}")
+        from_file = self._declared(settings, text, f"capacity-file {path}")
         if from_file.capacity < declared.capacity:
             return from_file
         return declared

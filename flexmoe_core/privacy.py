@@ -51,11 +51,11 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from .aggregation import ClientUpdate
+from .settings import PrivacySettings
 from .update_bounds import BACKBONE, VARIANCE_SUFFIX, group_of
 
 
@@ -81,27 +81,13 @@ class PrivacyPolicy:
     delta: float = 1e-5
     backbone_share: float = 0.5
 
-    def __post_init__(self) -> None:
-        if not self.clip_norm > 0:
-            raise ValueError(f"clip_norm={self.clip_norm}: must be > 0")
-        if not self.noise_multiplier >= 0:
-            raise ValueError(f"noise_multiplier={self.noise_multiplier}: must be >= 0")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"delta={self.delta}: must be in (0, 1)")
-        if not 0 < self.backbone_share < 1:
-            raise ValueError(f"backbone_share={self.backbone_share}: must be in (0, 1)")
-
     @classmethod
-    def from_config(cls, cfg: Any) -> PrivacyPolicy | None:
-        """Return the policy of a run configuration, or None when privacy is off."""
-        p = cfg.get("privacy")
-        if not p or not p.get("enabled", False):
+    def from_settings(cls, privacy: PrivacySettings) -> PrivacyPolicy | None:
+        """Return the policy of ``privacy.*`` (checked by the schema), or None when off."""
+        if not privacy.enabled:
             return None
         return cls(
-            float(p.clip_norm),
-            float(p.noise_multiplier),
-            float(p.delta),
-            float(p.backbone_share),
+            privacy.clip_norm, privacy.noise_multiplier, privacy.delta, privacy.backbone_share
         )
 
     def clip_bounds(self, experts_held: int) -> tuple[float, float]:

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from .records import RoundRecord, plain
+from .settings import Settings
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -92,7 +93,7 @@ def release_run_dir(run_dir: Path) -> None:
         os.close(fd)
 
 
-def make_run_dir(cfg: DictConfig, root: str | os.PathLike[str] | None = None) -> Path:
+def make_run_dir(settings: Settings, root: str | os.PathLike[str] | None = None) -> Path:
     """Create, claim and return the run's absolute output directory.
 
     ``<output_root>/<run_name>``; a relative root is resolved against the current
@@ -105,9 +106,9 @@ def make_run_dir(cfg: DictConfig, root: str | os.PathLike[str] | None = None) ->
     RunDirError
         If ``output_root`` is a file or cannot be created.
     """
-    base = _output_root(root if root is not None else cfg.output_root)
-    name = cfg.get("run_name") or (
-        f"{dt.datetime.now():%Y%m%d-%H%M%S}_{cfg.strategy.name}_{cfg.dataset.name}"
+    base = _output_root(root if root is not None else settings.output_root)
+    name = settings.run_name or (
+        f"{dt.datetime.now():%Y%m%d-%H%M%S}_{settings.strategy.name}_{settings.dataset.name}"
     )
     for suffix in itertools.count(1):
         run_dir = base / (str(name) if suffix == 1 else f"{name}-{suffix}")
@@ -140,25 +141,26 @@ class RunRecorder:
     round, :meth:`restart_metrics` replaces the file by the records of a checkpoint.
     """
 
-    def __init__(self, run_dir: Path, cfg: DictConfig) -> None:
+    def __init__(self, run_dir: Path, settings: Settings) -> None:
         self.run_dir = run_dir
-        self.cfg = cfg
-        atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg).encode())
+        self.settings = settings
+        yaml = OmegaConf.to_yaml(OmegaConf.create(settings.to_dict()))
+        atomic_write_bytes(run_dir / CONFIG_FILE, yaml.encode())
         self._load_history: list[list[int]] = []
-        self._wandb = self._start_wandb(cfg) if cfg.wandb.enabled else None
+        self._wandb = self._start_wandb(settings) if settings.wandb.enabled else None
 
-    def _start_wandb(self, cfg: DictConfig) -> Any:
+    def _start_wandb(self, settings: Settings) -> Any:
         os.environ.setdefault("WANDB_DIR", str(self.run_dir))
         import wandb
 
         return wandb.init(
-            project=cfg.wandb.project,
-            entity=cfg.wandb.entity,
-            group=cfg.wandb.group,
-            mode=cfg.wandb.mode,
+            project=settings.wandb.project,
+            entity=settings.wandb.entity,
+            group=settings.wandb.group,
+            mode=settings.wandb.mode,
             dir=str(self.run_dir),
             name=self.run_dir.name,
-            config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+            config=settings.to_dict(),
         )
 
     def restart_metrics(self, records: Iterable[RoundRecord]) -> None:

@@ -35,13 +35,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
 
 from .aggregation import AggregationPolicy, ClientUpdate, aggregate_bounded, bounded_counts
 from .allocation import make_allocator, oracle_fitness, update_deficit
 from .backoff import BackoffPolicy, benched, leave_out
 from .checkpoint import ServerCheckpoint
-from .config import to_container
 from .data.groups import ClientGroups, groups_of
 from .fitness import FitnessTable, relative_signals
 from .metrics import LoadTracker, assignment_nmi, assignment_purity, churn
@@ -69,6 +67,7 @@ from .round_io import (
     round_record,
     stalled_message,
 )
+from .settings import Settings
 
 __all__ = [
     "NO_REPLY",
@@ -91,36 +90,37 @@ class RoundState:
 
     Parameters
     ----------
-    cfg : DictConfig
-        The resolved run configuration.
+    settings : Settings
+        The run's typed settings.
     initial_arrays : dict of str to ndarray
         The global backbone and all experts of round 0.
     """
 
-    def __init__(self, cfg: DictConfig, initial_arrays: Mapping[str, np.ndarray]) -> None:
-        self.cfg = cfg
-        self.num_experts = int(cfg.model.num_experts)
-        self.allocator = make_allocator(cfg.strategy)
+    def __init__(self, settings: Settings, initial_arrays: Mapping[str, np.ndarray]) -> None:
+        self.settings = settings
+        self.num_experts = settings.model.num_experts
+        self.allocator = make_allocator(settings.strategy)
+        fitness = settings.fitness
         self.fitness = FitnessTable(
             self.num_experts,
-            q0=cfg.fitness.q0,
-            beta=cfg.fitness.beta,
-            signal=cfg.fitness.signal,
-            alpha=cfg.fitness.alpha,
-            cold_start=str(cfg.fitness.get("cold_start", "q0")),
-            decay=float(cfg.fitness.get("decay", 0.0)),
+            q0=fitness.q0,
+            beta=fitness.beta,
+            signal=fitness.signal,
+            alpha=fitness.alpha,
+            cold_start=fitness.cold_start,
+            decay=fitness.decay,
         )
-        self.heldout_fitness = str(cfg.fitness.get("source", "train")) == "heldout"
-        self.relative_fitness = bool(cfg.fitness.get("relative", False))
-        self.switching_cost = float(cfg.strategy.get("switching_cost", 0.0) or 0.0)
+        self.heldout_fitness = fitness.source == "heldout"
+        self.relative_fitness = fitness.relative
+        self.switching_cost = settings.strategy.switching_cost
         # Each client's experts when it last trained: the switching cost's "holds now",
         # and what churn is measured against.
         self.holding: dict[int, list[int]] = {}
         self.groups: ClientGroups | None = None  # see set_federation_size
-        self.backoff = BackoffPolicy.from_config(cfg.get("faults"))
+        self.backoff = BackoffPolicy.from_settings(settings.faults)
         self.global_arrays = dict(initial_arrays)
-        self.policy = AggregationPolicy.from_config(cfg)
-        self.privacy = PrivacyPolicy.from_config(cfg)
+        self.policy = AggregationPolicy.from_settings(settings.aggregation, settings.model.top_k)
+        self.privacy = PrivacyPolicy.from_settings(settings.privacy)
         self.deficit = np.zeros(self.num_experts)
         self.loads = LoadTracker(self.num_experts)
         self.history: list[RoundRecord] = []  # finished records
@@ -143,9 +143,8 @@ class RoundState:
         ValueError
             If ``strategy=oracle`` and the federation has no groups to be right about.
         """
-        groups_cfg = self.cfg.partition.get("groups")
         if num_partitions is not None:
-            self.groups = ClientGroups.from_config(groups_cfg, num_partitions)
+            self.groups = ClientGroups.from_settings(self.settings.partition.groups, num_partitions)
         if self.allocator.name == "oracle" and self.groups is None:
             raise ValueError(
                 "strategy=oracle needs a simulated federation with known groups: set "
@@ -156,13 +155,15 @@ class RoundState:
     def sample(self, server_round: int, available: Iterable[int]) -> list[int]:
         """Return the round's participants: ``fraction_train`` of the available keys."""
         keys = sorted(available)
-        size = max(int(self.cfg.min_clients_per_round), round(self.cfg.fraction_train * len(keys)))
+        size = max(
+            self.settings.min_clients_per_round, round(self.settings.fraction_train * len(keys))
+        )
         size = min(size, len(keys))
         picked = self._rng(server_round).choice(len(keys), size=size, replace=False)
         return [keys[i] for i in sorted(picked)]
 
     def _rng(self, server_round: int) -> np.random.Generator:
-        return np.random.default_rng([int(self.cfg.seed), server_round])
+        return np.random.default_rng([self.settings.seed, server_round])
 
     def payload(self, experts: Iterable[int]) -> dict[str, np.ndarray]:
         """Return the backbone and the given experts of the global arrays."""
@@ -180,7 +181,7 @@ class RoundState:
         """
         start = time.perf_counter()
         bench = benched(self.records(), server_round, self.backoff)
-        capacities, left_out = leave_out(capacities, bench, int(self.cfg.min_clients_per_round))
+        capacities, left_out = leave_out(capacities, bench, self.settings.min_clients_per_round)
         participants = self.sample(server_round, capacities)
         caps = np.array([capacities[k] for k in participants])
         if self.allocator.name == "oracle":
@@ -199,7 +200,7 @@ class RoundState:
             round=server_round,
             experts=experts,
             arrays={key: self.payload(e) for key, e in experts.items()},
-            seed=int(self.cfg.seed) * 100_003 + server_round,
+            seed=self.settings.seed * 100_003 + server_round,
             evaluates=evaluates,
             global_test=evaluates is not None and self._global_test(evaluates),
             allocation=allocation,
@@ -210,8 +211,8 @@ class RoundState:
         )
 
     def _global_test(self, server_round: int) -> bool:
-        every = int(self.cfg.evaluate.global_every)
-        return evaluates_in(server_round, every, int(self.cfg.num_rounds))
+        every = self.settings.evaluate.global_every
+        return evaluates_in(server_round, every, self.settings.num_rounds)
 
     def final_evaluation(self) -> RoundPlan | None:
         """Return the evaluation of the last round's model, if its record waits for one.
@@ -232,7 +233,7 @@ class RoundState:
             round=record.round,
             experts=experts,
             arrays={key: self.payload(e) for key, e in experts.items()},
-            seed=int(self.cfg.seed) * 100_003 + record.round,
+            seed=self.settings.seed * 100_003 + record.round,
             evaluates=record.round,
             global_test=self._global_test(record.round),
             allocation=None,
@@ -290,8 +291,8 @@ class RoundState:
         record.trust = trust
         self.holding.update({r.key: plan.experts[r.key] for r in accepted})
         record.timing.server_s = (record.timing.server_s or 0.0) + time.perf_counter() - start
-        every = int(self.cfg.evaluate.every)
-        if evaluates_in(plan.round, every, int(self.cfg.num_rounds)):
+        every = self.settings.evaluate.every
+        if evaluates_in(plan.round, every, self.settings.num_rounds):
             self.pending = record
         else:
             finished.append(record)
@@ -308,8 +309,8 @@ class RoundState:
         """Return the most samples a client that declared ``declared_examples`` can evaluate."""
         return EvaluationCaps.for_client(
             declared_examples,
-            float(self.cfg.partition.local_test_fraction),
-            int(self.cfg.evaluate.global_max_samples),
+            self.settings.partition.local_test_fraction,
+            self.settings.evaluate.global_max_samples,
         )
 
     def _update_fitness(self, accepted: list[ClientReply]) -> None:
@@ -335,7 +336,7 @@ class RoundState:
         privacy, ``dp_noise_std``: the noise std on each released group's average.
         """
         if self.privacy is not None:
-            rng = np.random.default_rng([int(self.cfg.seed), server_round, DP_STREAM])
+            rng = np.random.default_rng([self.settings.seed, server_round, DP_STREAM])
             private = private_aggregate(self.global_arrays, updates, self.privacy, rng)
             self.global_arrays = private.arrays
             return Trust(dp_noise_std={str(g): std for g, std in private.noise_std.items()})
@@ -350,7 +351,7 @@ class RoundState:
 
         ``faults.max_failed_rounds=0``: never.
         """
-        limit = int(self.cfg.faults.get("max_failed_rounds", 0) or 0)
+        limit = self.settings.faults.max_failed_rounds
         streak: list[Mapping[Any, str]] = [failures]
         for record in reversed(self.records()):
             accepted = record.participation.accepted
@@ -440,7 +441,7 @@ class RoundState:
             history=list(self.history),
             pending=copy.deepcopy(self.pending),
             capacities=dict(capacities),
-            config=to_container(self.cfg),
+            config=self.settings.to_dict(),
             memory={
                 "holding": {str(k): v for k, v in sorted(self.holding.items())},
                 "fitness_start": dict(zip(map(str, ids), table["start"], strict=True)),  # type: ignore[call-overload]

@@ -22,9 +22,9 @@ from logging import INFO, WARNING
 from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.supercore import log
-from omegaconf import DictConfig
 
 from flexmoe_core.roster import Roster
+from flexmoe_core.settings import Settings
 
 from .codec import NODE_UNAVAILABLE, decode_info, error_reason, query_message
 
@@ -43,16 +43,16 @@ class Membership:
 
     Parameters
     ----------
-    cfg : DictConfig
-        The run configuration (``num_clients``, ``min_clients_per_round``, timeouts).
+    settings : Settings
+        The run's settings (``num_clients``, ``min_clients_per_round``, timeouts).
     roster : Roster
         The run's client keys (possibly known from a checkpoint).
     run_config : str
         The configuration sent with every query (JSON).
     """
 
-    def __init__(self, cfg: DictConfig, roster: Roster, run_config: str) -> None:
-        self.cfg, self.roster, self.run_config = cfg, roster, run_config
+    def __init__(self, settings: Settings, roster: Roster, run_config: str) -> None:
+        self.settings, self.roster, self.run_config = settings, roster, run_config
         self.connected: set[int] = set()
         self.answered: set[int] = set()  # nodes whose query was answered (or refused)
         self.refused: set[int] = set()  # left out for this run (bad settings)
@@ -208,7 +208,7 @@ class Membership:
         SuperNodes): that is the federation's size. Otherwise ``num_clients``.
         """
         partitions = self.roster.num_partitions()
-        return max(partitions) if partitions else int(self.cfg.num_clients)
+        return max(partitions) if partitions else self.settings.num_clients
 
     def discover(self, grid: Grid) -> None:
         """Before round 1: wait for the federation's clients and learn their capacities.
@@ -218,8 +218,8 @@ class Membership:
         RuntimeError
             If fewer than ``min_clients_per_round`` clients answered in time.
         """
-        wait = float(self.cfg.timeouts.wait_for_clients_s)
-        reply_wait = float(self.cfg.timeouts.round_s)
+        wait = self.settings.timeouts.wait_for_clients_s
+        reply_wait = self.settings.timeouts.round_s
         deadline, last_log = time.monotonic() + wait, 0.0
         while True:
             self.refresh(grid)
@@ -239,18 +239,18 @@ class Membership:
 
     def _check_size(self, wait: float) -> None:
         ready, expected = len(self.roster.available(self.connected)), self.expected()
-        wanted = int(self.cfg.min_clients_per_round)
+        wanted = self.settings.min_clients_per_round
         partitions = sorted(self.roster.num_partitions())
-        if partitions and partitions != [int(self.cfg.num_clients)]:
+        if partitions and partitions != [self.settings.num_clients]:
             log(
                 WARNING,
                 "num_clients=%d, but the SuperNodes declare num-partitions=%s (in simulation "
                 "Flower's num-supernodes): this run trains the federation's clients. To run "
                 "%d clients, start as many: --federation-config 'num-supernodes=%d'",
-                int(self.cfg.num_clients),
+                self.settings.num_clients,
                 "/".join(map(str, partitions)),
-                int(self.cfg.num_clients),
-                int(self.cfg.num_clients),
+                self.settings.num_clients,
+                self.settings.num_clients,
             )
         if ready < wanted:
             reasons = Counter(self.refusals.values()).most_common(3)
@@ -288,8 +288,8 @@ class Membership:
             If fewer than ``min_clients_per_round`` are available within
             ``timeouts.wait_for_clients_s`` (the last checkpoint allows a resume).
         """
-        wanted = int(self.cfg.min_clients_per_round)
-        wait = float(self.cfg.timeouts.wait_for_clients_s)
+        wanted = self.settings.min_clients_per_round
+        wait = self.settings.timeouts.wait_for_clients_s
         deadline = time.monotonic() + wait
         while True:
             self.refresh(grid)

@@ -7,7 +7,6 @@ The decisions (sampling, allocation, checks, aggregation, fitness, records) are 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -18,16 +17,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
-from omegaconf import DictConfig
 from threadpoolctl import threadpool_limits
 
 from flexmoe_core import protocol as proto
 from flexmoe_core.checkpoint import ServerCheckpoint, save_checkpoint
-from flexmoe_core.config import to_container
 from flexmoe_core.records import TIMING_KEYS, RoundRecord, headline
 from flexmoe_core.results import RunRecorder, run_status
 from flexmoe_core.roster import Roster
 from flexmoe_core.round_state import RoundOutcome, RoundPlan, RoundResults, RoundState
+from flexmoe_core.settings import Settings
 
 from .codec import (
     NODE_UNAVAILABLE,
@@ -57,8 +55,8 @@ class FlexMoEStrategy(Strategy):
 
     Parameters
     ----------
-    cfg : DictConfig
-        The resolved run configuration (``conf/``).
+    settings : Settings
+        The run's typed settings (``conf/``).
     recorder : RunRecorder, optional
         Where finished round records, the final model and the summary are written.
     checkpoint_path : Path, optional
@@ -70,20 +68,20 @@ class FlexMoEStrategy(Strategy):
 
     def __init__(
         self,
-        cfg: DictConfig,
+        settings: Settings,
         recorder: RunRecorder | None = None,
         checkpoint_path: Path | None = None,
         resume: ServerCheckpoint | None = None,
     ) -> None:
-        self.cfg, self.recorder = cfg, recorder
+        self.settings, self.recorder = settings, recorder
         self.checkpoint_path, self.resume = checkpoint_path, resume
         self.roster = Roster(
-            int(cfg.model.num_experts),
+            settings.model.num_experts,
             known=None if resume is None else resume.capacities,
-            rebind_grace_s=float(cfg.timeouts.rebind_grace_s),
+            rebind_grace_s=settings.timeouts.rebind_grace_s,
         )
-        self.run_config = json.dumps(to_container(cfg))
-        self.membership = Membership(cfg, self.roster, self.run_config)
+        self.run_config = settings.plain_json
+        self.membership = Membership(settings, self.roster, self.run_config)
         self.state: RoundState | None = None
         self.plan: RoundPlan | None = None
         self.outcome: RoundOutcome | None = None  # the last training round's
@@ -94,13 +92,13 @@ class FlexMoEStrategy(Strategy):
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
-        cfg, fit = self.cfg, self.cfg.fitness
+        settings, fit = self.settings, self.settings.fitness
         fitness = f"{fit.source} {fit.signal}{', relative' if fit.relative else ''}"
         log(
             INFO,
-            f"FlexMoEStrategy: strategy={cfg.strategy.name}, E={cfg.model.num_experts}, "
-            f"top-k={cfg.model.top_k}, fitness {fitness} (beta={fit.beta}, q0={fit.q0}), "
-            f"switching cost {cfg.strategy.get('switching_cost', 0.0)}",
+            f"FlexMoEStrategy: strategy={settings.strategy.name}, "
+            f"E={settings.model.num_experts}, top-k={settings.model.top_k}, fitness {fitness} "
+            f"(beta={fit.beta}, q0={fit.q0}), switching cost {settings.strategy.switching_cost}",
         )
 
     @property
@@ -244,7 +242,7 @@ class FlexMoEStrategy(Strategy):
         if self.checkpoint_path is not None:
             save_checkpoint(self.checkpoint_path, self.state.checkpoint(self.roster.state()))
         for record in finished:
-            log(INFO, "%s", headline(record, int(self.cfg.num_rounds)))
+            log(INFO, "%s", headline(record, self.settings.num_rounds))
             if self.recorder is not None:
                 self.recorder.log_round(record)
 
@@ -256,7 +254,7 @@ class FlexMoEStrategy(Strategy):
             self.recorder.restart_metrics(self.state.history)
         for note in self.roster.differences(checkpoint.capacities):
             log(WARNING, "Resume: %s", note)
-        log(INFO, "Resumed after round %d of %d", checkpoint.round, int(self.cfg.num_rounds))
+        log(INFO, "Resumed after round %d of %d", checkpoint.round, self.settings.num_rounds)
 
     def start(
         self,
@@ -278,7 +276,7 @@ class FlexMoEStrategy(Strategy):
             hint = "the settings train.* and evaluate.* say how clients train and evaluate"
             raise TypeError(f"start() takes no train_config, evaluate_config, evaluate_fn: {hint}")
         self.summary()
-        self.state = RoundState(self.cfg, proto.arrays_to_numpy(initial_arrays))
+        self.state = RoundState(self.settings, proto.arrays_to_numpy(initial_arrays))
         # One BLAS thread: memory-bound sums, cores shared with clients (bench_round_cost.py).
         with threadpool_limits(limits=1, user_api="blas"):
             self.membership.discover(grid)

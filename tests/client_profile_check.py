@@ -91,7 +91,9 @@ def main() -> int:
     capacity = int(info[proto.CAPACITY])
     assert 1 <= capacity <= cfg["model"]["num_experts"] and info[proto.MEMORY_MB] == 64.0
     model = build_model(
-        client.run_config(query).model, cfg["dataset"]["input_shape"], cfg["dataset"]["num_classes"]
+        client.run_settings(query).model,
+        cfg["dataset"]["input_shape"],
+        cfg["dataset"]["num_classes"],
     )
     experts = list(range(capacity))
     arrays = {

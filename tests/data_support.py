@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flexmoe_core.config import load_config
+from flexmoe_core.config import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ENV = "FLEXMOE_TEST_DATA"
@@ -43,7 +43,7 @@ def dataset_cfg(group: str, cache_dir: Path, **overrides: object):
     for key, value in overrides.items():
         text = "null" if value is None else value
         items.append(f"dataset.{key}={text}")
-    return load_config(items).dataset
+    return load_settings(items).dataset
 
 
 def image_bytes(pixels: np.ndarray, fmt: str = "PNG") -> bytes:

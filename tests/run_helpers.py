@@ -11,9 +11,10 @@ from flwr.app import Message
 from omegaconf import DictConfig
 
 from client_app.app import app as client_app
-from flexmoe_core.config import load_config
+from flexmoe_core.config import load_config, settings_from_config
 from flexmoe_core.model import build_model, shared_state
 from flexmoe_core.records import RoundRecord
+from flexmoe_core.settings import Settings
 from server_app.inprocess import InProcessGrid
 from server_app.strategy import TIMING_KEYS, FlexMoEStrategy, to_array_record
 
@@ -45,12 +46,18 @@ def make_grid(
     return InProcessGrid(client_app, configs or node_configs(num_clients), fail=fail, tamper=tamper)
 
 
-def initial_arrays(cfg: DictConfig) -> dict[str, np.ndarray]:
+def as_settings(cfg: DictConfig | Settings) -> Settings:
+    """Return the typed settings of a configuration ``load_config`` returned."""
+    return cfg if isinstance(cfg, Settings) else settings_from_config(cfg)
+
+
+def initial_arrays(cfg: DictConfig | Settings) -> dict[str, np.ndarray]:
     """Return the server's initial model exactly as the ServerApp builds it."""
     import torch
 
-    torch.manual_seed(int(cfg.seed))
-    model = build_model(cfg.model, cfg.dataset.input_shape, int(cfg.dataset.num_classes))
+    settings = as_settings(cfg)
+    torch.manual_seed(settings.seed)
+    model = build_model(settings.model, settings.dataset.input_shape, settings.dataset.num_classes)
     return shared_state(model)
 
 
@@ -58,7 +65,7 @@ def run_strategy(
     cfg: DictConfig, grid: InProcessGrid, strategy_cls: type[FlexMoEStrategy] = FlexMoEStrategy
 ) -> FlexMoEStrategy:
     """Run the strategy on ``grid`` for ``cfg.num_rounds`` rounds; return it."""
-    strategy = strategy_cls(cfg)
+    strategy = strategy_cls(as_settings(cfg))
     strategy.start(
         grid, to_array_record(initial_arrays(cfg)), num_rounds=int(cfg.num_rounds), timeout=60
     )

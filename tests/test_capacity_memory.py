@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from flwr.app import Message, MessageType
-from run_helpers import fast_config, make_grid, node_configs, run_strategy
+from run_helpers import as_settings, fast_config, make_grid, node_configs, run_strategy
 
 from flexmoe_core import protocol as proto
 from flexmoe_core.backoff import BackoffPolicy, benched, leave_out
@@ -26,7 +26,7 @@ def settings(config: dict, node_id: int = 5) -> NodeSettings:
 
 # ----------------------------------------------------------------- footprint
 def test_footprint_counts_parameters_gradients_momentum_and_activations() -> None:
-    cfg = fast_config()
+    cfg = as_settings(fast_config())
     shape, classes = list(cfg.dataset.input_shape), int(cfg.dataset.num_classes)
     small = measure_footprint(cfg.model, shape, classes, 8)
     large = measure_footprint(cfg.model, shape, classes, 64)
@@ -40,8 +40,8 @@ def test_footprint_counts_parameters_gradients_momentum_and_activations() -> Non
 
 
 def test_a_one_expert_model_is_measured_too() -> None:
-    cfg = fast_config(
-        "model.num_experts=1 model.top_k=1 capacity.profile=constant capacity.value=1"
+    cfg = as_settings(
+        fast_config("model.num_experts=1 model.top_k=1 capacity.profile=constant capacity.value=1")
     )
     fp = measure_footprint(cfg.model, list(cfg.dataset.input_shape), 10, 8)
     assert fp.expert_bytes > 0 and fp.capacity(fp.trunk_bytes + fp.expert_bytes, 1) == 1
@@ -62,7 +62,7 @@ def test_memory_budget_must_be_a_positive_number(value: object) -> None:
 
 
 def test_auto_capacity_follows_the_memory_budget() -> None:
-    cfg = fast_config()
+    cfg = as_settings(fast_config())
     fp = measure_footprint(
         cfg.model,
         list(cfg.dataset.input_shape),
@@ -83,7 +83,9 @@ def test_auto_capacity_follows_the_memory_budget() -> None:
 
 
 def test_auto_capacity_without_a_budget_takes_a_share_of_the_free_ram() -> None:
-    report = settings({"capacity": "auto", "data-path": "/x"}).capacity_report(fast_config())
+    report = settings({"capacity": "auto", "data-path": "/x"}).capacity_report(
+        as_settings(fast_config())
+    )
     assert report.capacity >= 1 and report.memory_mb is not None and report.memory_mb > 0
 
 
@@ -91,14 +93,14 @@ def test_auto_capacity_leaves_the_random_state_alone() -> None:
     torch.manual_seed(3)
     expected = torch.rand(1)
     torch.manual_seed(3)
-    cfg = fast_config("train.batch_size=17")  # a batch size nothing measured yet
+    cfg = as_settings(fast_config("train.batch_size=17"))  # a batch size nothing measured yet
     settings({"capacity": "auto", "memory-mb": 512, "data-path": "/x"}).capacity(cfg)
     assert torch.equal(torch.rand(1), expected)
 
 
 # -------------------------------------------------------------- capacity file
 def test_capacity_file_lowers_the_capacity_without_a_restart(tmp_path) -> None:
-    cfg = fast_config()
+    cfg = as_settings(fast_config())
     path = tmp_path / "capacity"
     node = settings({"capacity": 4, "capacity-file": str(path), "data-path": "/x"})
     assert node.capacity(cfg) == 4  # no file yet: the node config's

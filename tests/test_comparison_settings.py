@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from flexmoe_core.allocation import FlexAllocator, load_bounds, make_allocator, update_deficit
 from flexmoe_core.config import conf_dir, load_config
 from flexmoe_core.config_schema import ConfigError
+from flexmoe_core.settings import StrategySettings
 from flexmoe_core.training import round_lr
 
 
@@ -35,7 +35,7 @@ def test_without_the_deficit_rule_fitness_places_the_remainder() -> None:
     fitness = np.tile(np.array([0.9, 0.8, 0.1, 0.1]), (3, 1))
     caps = np.array([2, 2, 2])
     for rule, spread in ((True, 0), (False, 6)):
-        allocator = make_allocator(OmegaConf.create({"name": "flexmoe", "deficit_rule": rule}))
+        allocator = make_allocator(StrategySettings(name="flexmoe", deficit_rule=rule))
         assert isinstance(allocator, FlexAllocator) and allocator.deficit_rule is rule
         rng, deficit, cumulative = np.random.default_rng(0), np.zeros(4), np.zeros(4)
         for _ in range(6):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from flexmoe_core.aggregation import (
     bounded_counts,
     weighted_mean,
 )
-from flexmoe_core.config import load_config
+from flexmoe_core.config import ConfigError, load_config, load_settings
 from flexmoe_core.fitness import ExpertFeedback
 from flexmoe_core.robust import low_median
 from flexmoe_core.update_bounds import group_sizes
@@ -234,25 +235,28 @@ def test_examples_cap_uses_the_low_median_and_scales_usage() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    "override",
     [
-        ({"method": "mode"}, "method"),
-        ({"trim_fraction": 0.5}, "trim_fraction"),
-        ({"max_examples_ratio": 0.5}, "max_examples_ratio"),
-        ({"max_update_rms": 0.0}, "max_update_rms"),
-        ({"expert_weighting": "x"}, "expert_weighting"),
+        "aggregation.method=mode",
+        "aggregation.trim_fraction=0.5",
+        "aggregation.max_examples_ratio=0.5",
+        "aggregation.max_update_rms=0.0",
+        "aggregation.expert_weighting=x",
     ],
 )
-def test_policy_refuses_bad_settings(kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        AggregationPolicy(**kwargs)
+def test_bad_aggregation_settings_are_refused_by_the_schema(override: str) -> None:
+    # Checked once, where the configuration is loaded; the policy trusts its settings.
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(override)
 
 
 def test_policy_defaults_are_the_configuration_defaults() -> None:
-    cfg = load_config()
-    assert AggregationPolicy.from_config(cfg) == AggregationPolicy(top_k=int(cfg.model.top_k))
-    cfg = load_config("aggregation.method=median aggregation.max_update_rms=null")
-    policy = AggregationPolicy.from_config(cfg)
+    settings = load_settings()
+    policy = AggregationPolicy.from_settings(settings.aggregation, settings.model.top_k)
+    assert policy == AggregationPolicy(top_k=settings.model.top_k)
+    settings = load_settings("aggregation.method=median aggregation.max_update_rms=null")
+    policy = AggregationPolicy.from_settings(settings.aggregation, settings.model.top_k)
     assert (policy.method, policy.max_update_rms) == ("median", None)
 
 

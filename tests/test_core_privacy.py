@@ -11,7 +11,7 @@ from scipy.special import gammaln, logsumexp
 from scipy.stats import norm
 
 from flexmoe_core.aggregation import ClientUpdate
-from flexmoe_core.config import load_config
+from flexmoe_core.config import ConfigError, load_config, load_settings
 from flexmoe_core.fitness import ExpertFeedback
 from flexmoe_core.privacy import PrivacyPolicy, clip_client, epsilon, private_aggregate
 
@@ -179,9 +179,16 @@ def test_accountant_edge_cases() -> None:
         epsilon(1.0, 0.0, 10, 1e-5)
 
 
-def test_policy_from_config() -> None:
-    assert PrivacyPolicy.from_config(load_config()) is None
-    policy = PrivacyPolicy.from_config(load_config("privacy.enabled=true"))
+def test_policy_from_settings() -> None:
+    assert PrivacyPolicy.from_settings(load_settings().privacy) is None
+    policy = PrivacyPolicy.from_settings(load_settings("privacy.enabled=true").privacy)
     assert policy == PrivacyPolicy()  # the code defaults are the configuration's
-    with pytest.raises(ValueError, match="backbone_share"):
-        PrivacyPolicy(backbone_share=1.0)
+    # Bad values are the schema's to refuse (once, naming the key), not the policy's.
+    for override in (
+        "privacy.backbone_share=1.0",
+        "privacy.clip_norm=0",
+        "privacy.noise_multiplier=-1",
+        "privacy.delta=1.0",
+    ):
+        with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+            load_config(f"privacy.enabled=true {override}")

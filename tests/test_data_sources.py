@@ -3,6 +3,7 @@ reader, the on-disk cache, augmentation, and each bad-input error."""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import threading
 import time
@@ -21,8 +22,8 @@ from data_support import (
     write_tree,
     write_zip,
 )
-from omegaconf import OmegaConf
 
+from flexmoe_core.config import ConfigError, load_settings
 from flexmoe_core.data import (
     ArrayDataset,
     DatasetError,
@@ -34,6 +35,7 @@ from flexmoe_core.data import (
     random_crop_flip,
 )
 from flexmoe_core.data.cache import load_or_build
+from flexmoe_core.settings import AugmentSettings, DatasetSettings, PartitionSettings
 
 pytestmark = pytest.mark.usefixtures("isolated_data_caches")
 
@@ -80,7 +82,7 @@ def _cfg(**entries: object):
         "preprocess": {"mean": [0.5], "std": [0.25], "scale": 255.0, "augment": False},
     }
     base.update(entries)
-    return OmegaConf.create(base)
+    return DatasetSettings.from_mapping(base)
 
 
 def _folder_files(ext: str = "png", fmt: str = "PNG") -> dict[str, bytes]:
@@ -149,7 +151,7 @@ def test_mnist_test_idx_files(shared_cache: Path) -> None:
 
 def test_client_data_on_cifar_is_disjoint_covering_and_normalised(cifar) -> None:
     cfg, raw = cifar
-    partition = OmegaConf.create(
+    partition = PartitionSettings.from_mapping(
         {"type": "dirichlet", "alpha": 0.8, "min_partition_size": 10, "local_test_fraction": 0.2}
     )
     pixels_seen = 0
@@ -164,7 +166,7 @@ def test_client_data_on_cifar_is_disjoint_covering_and_normalised(cifar) -> None
     assert labels.tolist() == [5000] * 10
     # The lazily normalised global test subset equals the eager normalisation.
     sub = data.global_test.subset(np.arange(5))
-    expected = Normaliser.from_config(cfg.preprocess, 3)(raw.test.pixels[:5])
+    expected = Normaliser.from_settings(cfg.preprocess, 3)(raw.test.pixels[:5])
     np.testing.assert_allclose(sub.x, expected)
 
 
@@ -239,9 +241,9 @@ def test_gtsrb_layout_with_separately_shipped_test_labels(tmp_path: Path) -> Non
     ]
     cfg = _cfg(source="gtsrb", num_classes=2, input_shape=[3, 32, 32])
     with pytest.raises(DatasetError, match=r"GT-final_test\.csv"):
-        load_raw(OmegaConf.merge(cfg, {"path": paths}))
+        load_raw(dataclasses.replace(cfg, path=tuple(paths)))
     paths.append(str(write_zip(tmp_path / "test-gt.zip", {"GT-final_test.csv": labels_csv})))
-    raw = load_raw(OmegaConf.merge(cfg, {"path": paths}))
+    raw = load_raw(dataclasses.replace(cfg, path=tuple(paths)))
     assert raw.train.labels.tolist() == [0, 0, 1, 1]
     assert raw.test.labels.tolist() == [0, 1, 0]
     assert raw.train.pixels.shape == (4, 3, 32, 32)
@@ -259,11 +261,11 @@ def test_idx_files_with_a_prefix_and_one_based_labels(tmp_path: Path) -> None:
     cfg = _cfg(source="idx", path=str(root), input_shape=[1, 28, 28], idx_prefix="emnist-letters")
     with pytest.raises(DatasetError, match="label_offset=1"):
         load_raw(cfg)
-    raw = load_raw(OmegaConf.merge(cfg, {"label_offset": 1}))
+    raw = load_raw(dataclasses.replace(cfg, label_offset=1))
     assert raw.train.labels.tolist() == [0, 1, 2, 0, 1, 2]
     np.testing.assert_array_equal(raw.train.pixels[:, 0], images)
     with pytest.raises(DatasetError, match="emnist-letters"):
-        load_raw(OmegaConf.merge(cfg, {"idx_prefix": "emnist-balanced", "label_offset": 1}))
+        load_raw(dataclasses.replace(cfg, idx_prefix="emnist-balanced", label_offset=1))
 
 
 def test_cifar_batches_in_an_archive(tmp_path: Path) -> None:
@@ -344,7 +346,7 @@ def test_hub_errors_name_the_fix(tmp_path: Path) -> None:
         raise ConnectionError("no network")
 
     with pytest.raises(DatasetError, match=r"dataset\.path"):
-        load_raw(OmegaConf.merge(cfg, {"name": "other"}), hub_loader=offline)
+        load_raw(dataclasses.replace(cfg, name="other"), hub_loader=offline)
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -360,8 +362,9 @@ def test_missing_path_and_empty_glob(tmp_path: Path) -> None:
 
 
 def test_unknown_source_and_unreadable_formats(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match=r"dataset\.source='parquet'"):
-        load_raw(_cfg(source="parquet", path=str(tmp_path)))
+    # An unknown format is the schema's to refuse (once, naming the key).
+    with pytest.raises(ConfigError, match=r"dataset\.source='parquet'"):
+        load_settings(f"dataset.source=parquet dataset.path={tmp_path}")
     rar = tmp_path / "data.rar"
     rar.write_bytes(b"Rar!")
     with pytest.raises(DatasetError, match="cannot be read"):
@@ -499,16 +502,18 @@ def test_random_crop_flip_is_seeded_and_crops_a_padded_window() -> None:
         assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1))
 
 
-def test_build_augment_from_config() -> None:
-    assert build_augment({"preprocess": {"augment": False}}) is None
-    assert build_augment({"preprocess": {"augment": None}}) is None
-    aug = build_augment(
-        OmegaConf.create({"preprocess": {"augment": {"crop_padding": 4, "horizontal_flip": True}}})
-    )
+def test_build_augment_from_settings() -> None:
+    assert build_augment(AugmentSettings.from_value(False)) is None
+    assert build_augment(AugmentSettings.from_value(None)) is None
+    assert build_augment(AugmentSettings(crop_padding=0, horizontal_flip=False)) is None
+    aug = build_augment(AugmentSettings.from_value({"crop_padding": 4, "horizontal_flip": True}))
     assert aug is not None
     assert aug(torch.zeros(3, 3, 32, 32), torch.Generator()).shape == (3, 3, 32, 32)
-    with pytest.raises(DatasetError, match="augment"):
-        build_augment({"preprocess": {"augment": "yes"}})
+    # A bad form or padding is the schema's to refuse, once, naming the key.
+    with pytest.raises(ConfigError, match=r"dataset\.preprocess\.augment="):
+        load_settings("dataset=cifar10 dataset.preprocess.augment=yes")
+    with pytest.raises(ConfigError, match=r"dataset\.preprocess\.augment\.crop_padding"):
+        load_settings("dataset=cifar10 dataset.preprocess.augment.crop_padding=-1")
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -518,30 +523,26 @@ def test_build_augment_from_config() -> None:
 def test_dataset_configs_compose_and_default_to_the_hub(
     group: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flexmoe_core.config import load_config
     from flexmoe_core.data.raw import effective_source
 
     monkeypatch.delenv(f"FLEXMOE_{group.upper()}_PATH", raising=False)
-    cfg = load_config(f"dataset={group}").dataset
+    cfg = load_settings(f"dataset={group}").dataset
     assert cfg.path is None and effective_source(cfg) == "hf"
     assert len(cfg.input_shape) == 3 and cfg.num_classes >= 10
     assert len(cfg.preprocess.mean) == cfg.input_shape[0] == len(cfg.preprocess.std)
     monkeypatch.setenv(f"FLEXMOE_{group.upper()}_PATH", "/data/x")
-    assert load_config(f"dataset={group}").dataset.path == "/data/x"
+    assert load_settings(f"dataset={group}").dataset.path == "/data/x"
 
 
 def test_emnist_variant_selects_hub_id_and_idx_prefix() -> None:
-    from flexmoe_core.config import load_config
-
-    cfg = load_config("dataset=emnist dataset.variant=balanced dataset.num_classes=47").dataset
+    cfg = load_settings("dataset=emnist dataset.variant=balanced dataset.num_classes=47").dataset
     assert cfg.hf.id == "tanganke/emnist_balanced"
     assert cfg.idx_prefix == "emnist-balanced"
 
 
 def test_digits_still_loads_offline() -> None:
-    from flexmoe_core.config import load_config
 
-    splits = load_dataset(load_config("dataset=digits").dataset, seed=0)
+    splits = load_dataset(load_settings("dataset=digits").dataset, seed=0)
     assert len(splits.train) + len(splits.test) == 1797
     assert splits.train.x.shape[1:] == (1, 8, 8)
     assert splits.train.x.min() >= 0.0 and splits.train.x.max() <= 1.0  # scale 16

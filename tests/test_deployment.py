@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from run_helpers import FAST, fast_config, make_grid, node_configs, run_strategy
+from run_helpers import FAST, as_settings, fast_config, make_grid, node_configs, run_strategy
 
 from flexmoe_core.checkpoint import checkpoint_path, load_checkpoint
 from flexmoe_core.data.errors import DatasetError
@@ -44,7 +44,7 @@ def test_client_key_prefers_client_id_then_partition_then_node_id() -> None:
 def test_invalid_capacity_names_the_node_and_the_setting(value: object) -> None:
     cfg = fast_config()
     with pytest.raises(ValueError) as info:
-        node({"partition-id": 4, "num-partitions": 5, "capacity": value}).capacity(cfg)
+        node({"partition-id": 4, "num-partitions": 5, "capacity": value}).capacity(as_settings(cfg))
     message = str(info.value)
     assert "SuperNode 77 (partition-id=4)" in message
     assert "--node-config 'capacity=K" in message and "1 <= K <= 8" in message
@@ -92,18 +92,31 @@ def test_node_data_is_the_whole_folder_with_a_seeded_local_split(tmp_path, monke
     monkeypatch.setenv("FLEXMOE_CACHE_DIR", str(tmp_path / "cache"))
     folder = write_digits_folder(tmp_path / "node0", classes=range(10), per_class=12)
     cfg = fast_config()
-    data = load_node_data(cfg.dataset, cfg.partition, str(folder), 0, 3, data_format="imagefolder")
+    data = load_node_data(
+        as_settings(cfg).dataset,
+        as_settings(cfg).partition,
+        str(folder),
+        0,
+        3,
+        data_format="imagefolder",
+    )
     assert len(data.train) + len(data.local_test) == 120
     assert len(data.local_test) == round(120 * float(cfg.partition.local_test_fraction))
     per_class = np.bincount(data.local_test.y, minlength=10)
     assert per_class.max() - per_class.min() <= 1  # stratified over the node's classes
     assert len(data.global_test) == 0 and data.input_shape == (1, 8, 8)
-    again = load_node_data(cfg.dataset, cfg.partition, str(folder), 0, 3, "imagefolder")
+    again = load_node_data(
+        as_settings(cfg).dataset, as_settings(cfg).partition, str(folder), 0, 3, "imagefolder"
+    )
     np.testing.assert_array_equal(again.local_test.x, data.local_test.x)
-    other_key = load_node_data(cfg.dataset, cfg.partition, str(folder), 0, 4, "imagefolder")
+    other_key = load_node_data(
+        as_settings(cfg).dataset, as_settings(cfg).partition, str(folder), 0, 4, "imagefolder"
+    )
     assert not np.array_equal(other_key.local_test.x, data.local_test.x)
     with pytest.raises(DatasetError, match="data-format=<imagefolder"):
-        load_node_data(cfg.dataset, cfg.partition, str(folder), 0, 3)  # digits is not a file source
+        load_node_data(
+            as_settings(cfg).dataset, as_settings(cfg).partition, str(folder), 0, 3
+        )  # digits is not a file source
 
 
 def test_nodes_with_own_data_join_partition_nodes(tmp_path, monkeypatch) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from run_helpers import fast_config, initial_arrays, make_grid, node_configs
+from run_helpers import as_settings, fast_config, initial_arrays, make_grid, node_configs
 
 from flexmoe_core.data import load_client_data
 from flexmoe_core.data.sources import Normaliser
@@ -40,11 +40,11 @@ def finished_run(tmp_path_factory):
         num_rounds=2,
     )
     run_dir.mkdir()
-    recorder = RunRecorder(run_dir, cfg)
+    recorder = RunRecorder(run_dir, as_settings(cfg))
     grid = make_grid(
         NUM_CLIENTS, configs=node_configs(NUM_CLIENTS, **{"state-dir": str(state_dir)})
     )
-    strategy = FlexMoEStrategy(cfg, recorder)
+    strategy = FlexMoEStrategy(as_settings(cfg), recorder)
     strategy.start(grid, to_array_record(initial_arrays(cfg)), num_rounds=2, timeout=60)
     recorder.save_model(strategy.global_arrays)
     return cfg, run_dir, state_dir
@@ -52,7 +52,9 @@ def finished_run(tmp_path_factory):
 
 def held_out_pixels(cfg, key: int) -> tuple[np.ndarray, np.ndarray]:
     """Return the client's held-out split as raw pixels (and its normalised images)."""
-    data = load_client_data(cfg.dataset, cfg.partition, key, NUM_CLIENTS, int(cfg.seed))
+    data = load_client_data(
+        as_settings(cfg).dataset, as_settings(cfg).partition, key, NUM_CLIENTS, int(cfg.seed)
+    )
     norm = Normaliser.from_config(cfg.dataset.preprocess, 1)
     # The split holds 8-bit-like integers normalised: undo it and round back to them.
     pixels = np.rint(data.local_test.x * norm.std * norm.scale + norm.mean * norm.scale)

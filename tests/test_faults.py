@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, Message, MessageType
 from run_helpers import (
+    as_settings,
     assert_same_arrays,
     fast_config,
     fitness_by_key,
@@ -22,6 +23,7 @@ import client_app.app as client_module
 from flexmoe_core import protocol as proto
 from flexmoe_core.faults import NO_FAULT, Fault, draw_fault, validate_faults
 from flexmoe_core.model import expert_key, split_expert_key
+from flexmoe_core.settings import FaultSettings
 from server_app.inprocess import InProcessGrid
 from server_app.strategy import FlexMoEStrategy, error_reason, to_array_record
 
@@ -33,7 +35,7 @@ VICTIM_KEY = 1
 
 # ------------------------------------------------------------ fault draws
 def test_fault_draws_are_seeded_per_round_and_client() -> None:
-    faults = {"crash_prob": 0.3, "straggle_prob": 0.2, "straggle_s": 4.0}
+    faults = FaultSettings(crash_prob=0.3, straggle_prob=0.2, straggle_s=4.0)
     draws = [draw_fault(faults, 7, r, c) for r in range(1, 201) for c in range(10)]
     again = [draw_fault(faults, 7, r, c) for r in range(1, 201) for c in range(10)]
     assert draws == again
@@ -49,9 +51,10 @@ def test_fault_draws_are_seeded_per_round_and_client() -> None:
 
 
 def test_no_faults_by_default() -> None:
-    assert draw_fault(None, 0, 1, 0) is NO_FAULT
-    assert draw_fault({"crash_prob": 0.0, "straggle_prob": 0.0}, 0, 1, 0) is NO_FAULT
-    assert all(draw_fault({"crash_prob": 1.0}, 0, r, c).crash for r in range(5) for c in range(5))
+    assert draw_fault(FaultSettings(), 0, 1, 0) is NO_FAULT
+    assert draw_fault(as_settings(fast_config()).faults, 0, 1, 0) is NO_FAULT
+    crash = FaultSettings(crash_prob=1.0)
+    assert all(draw_fault(crash, 0, r, c).crash for r in range(5) for c in range(5))
 
 
 def test_fault_settings_are_validated() -> None:
@@ -114,10 +117,14 @@ def _crash_seed(num_clients: int, prob: float) -> int:
     """A seed whose first round crashes some but not all clients (rounds 1 and 2 differ)."""
     for seed in range(100):
         first = {
-            c for c in range(num_clients) if draw_fault({"crash_prob": prob}, seed, 1, c).crash
+            c
+            for c in range(num_clients)
+            if draw_fault(FaultSettings(crash_prob=prob), seed, 1, c).crash
         }
         second = {
-            c for c in range(num_clients) if draw_fault({"crash_prob": prob}, seed, 2, c).crash
+            c
+            for c in range(num_clients)
+            if draw_fault(FaultSettings(crash_prob=prob), seed, 2, c).crash
         }
         if 0 < len(first) < num_clients - 1 and first - second:
             return seed
@@ -131,7 +138,9 @@ def test_injected_crashes_leave_the_round_to_the_others() -> None:
     strategy = run_strategy(cfg, make_grid(4), RecordingStrategy)
     assert len(strategy.history) == 2
     for server_round, info in enumerate(strategy.rounds, start=1):
-        crashed = {c for c in range(4) if draw_fault(cfg.faults, seed, server_round, c).crash}
+        crashed = {
+            c for c in range(4) if draw_fault(as_settings(cfg).faults, seed, server_round, c).crash
+        }
         assert set(info["failures"]) == crashed
         assert all("injected crash" in why for why in info["failures"].values())
         assert set(info["accepted"]) == set(info["participants"]) - crashed
@@ -216,7 +225,7 @@ class VirtualClockGrid(InProcessGrid):
 
 @pytest.mark.parametrize("straggle_s", [5.0, 50.0])
 def test_stragglers_past_the_timeout_are_left_out(monkeypatch, straggle_s: float) -> None:
-    probe = {"straggle_prob": 0.5, "straggle_s": straggle_s}
+    probe = FaultSettings(straggle_prob=0.5, straggle_s=straggle_s)
     seed = next(
         s
         for s in range(100)
@@ -228,9 +237,9 @@ def test_stragglers_past_the_timeout_are_left_out(monkeypatch, straggle_s: float
     )
     grid = VirtualClockGrid(client_module.app, node_configs(3), timeout=10)
     monkeypatch.setattr(client_module.time, "sleep", grid.sleep)
-    strategy = FlexMoEStrategy(cfg)
+    strategy = FlexMoEStrategy(as_settings(cfg))
     strategy.start(grid, to_array_record(initial_arrays(cfg)), num_rounds=1, timeout=10)
-    late = {c for c in range(3) if draw_fault(cfg.faults, seed, 1, c).delay_s > 0}
+    late = {c for c in range(3) if draw_fault(as_settings(cfg).faults, seed, 1, c).delay_s > 0}
     if straggle_s > 10:
         assert set(strategy.outcome.failures) == late
         assert all("no reply" in w for w in strategy.outcome.failures.values())

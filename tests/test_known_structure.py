@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from run_helpers import fast_config, make_grid, run_strategy
+from run_helpers import as_settings, fast_config, make_grid, run_strategy
 
 from flexmoe_core.allocation import FlexAllocator, OracleAllocator, oracle_fitness
 from flexmoe_core.config import ConfigError, load_config
@@ -16,6 +16,7 @@ from flexmoe_core.data.groups import ClientGroups
 from flexmoe_core.fitness import FitnessTable, relative_signals
 from flexmoe_core.metrics import assignment_nmi, assignment_purity, churn
 from flexmoe_core.model import build_model, inherit_gate_rows
+from flexmoe_core.settings import GroupSettings
 from flexmoe_core.training import heldout_feedback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,10 +30,14 @@ def one_hot(experts: list[int], num_experts: int) -> np.ndarray:
 
 # ------------------------------------------------------------------ groups
 def test_groups_split_partition_ids_in_order() -> None:
-    equal = ClientGroups.from_config({"count": 4, "transform": "labels"}, 10)
+    equal = ClientGroups.from_settings(
+        GroupSettings.from_mapping({"count": 4, "transform": "labels"}), 10
+    )
     assert equal is not None and equal.sizes == (3, 3, 2, 2)
     assert [equal.group_of(i) for i in range(10)] == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
-    unequal = ClientGroups.from_config({"sizes": [10, 5, 3, 2], "transform": "rotation"}, 20)
+    unequal = ClientGroups.from_settings(
+        GroupSettings.from_mapping({"sizes": [10, 5, 3, 2], "transform": "rotation"}), 20
+    )
     assert unequal is not None and [unequal.group_of(i) for i in (0, 9, 10, 14, 15, 18, 19)] == [
         0,
         0,
@@ -42,7 +47,10 @@ def test_groups_split_partition_ids_in_order() -> None:
         3,
         3,
     ]
-    assert ClientGroups.from_config({"count": 0, "sizes": None}, 10) is None
+    assert (
+        ClientGroups.from_settings(GroupSettings.from_mapping({"count": 0, "sizes": None}), 10)
+        is None
+    )
 
 
 @pytest.mark.parametrize(
@@ -55,16 +63,16 @@ def test_groups_split_partition_ids_in_order() -> None:
 )
 def test_groups_that_cannot_be_made_are_refused(cfg: dict, clients: int, says: str) -> None:
     with pytest.raises(DatasetError, match=says):
-        ClientGroups.from_config(cfg, clients)
+        ClientGroups.from_settings(GroupSettings.from_mapping(cfg), clients)
 
 
 def test_group_transforms_apply_to_every_split_of_a_client() -> None:
     cfg = load_config("partition=iid partition.groups.count=2")
     plain = load_config("partition=iid")
-    base = load_client_data(plain.dataset, plain.partition, 3, 4, 0)
-    group0 = load_client_data(cfg.dataset, cfg.partition, 0, 4, 0)
-    group1 = load_client_data(cfg.dataset, cfg.partition, 3, 4, 0)
-    groups = ClientGroups.from_config(cfg.partition.groups, 4)
+    base = load_client_data(as_settings(plain).dataset, as_settings(plain).partition, 3, 4, 0)
+    group0 = load_client_data(as_settings(cfg).dataset, as_settings(cfg).partition, 0, 4, 0)
+    group1 = load_client_data(as_settings(cfg).dataset, as_settings(cfg).partition, 3, 4, 0)
+    groups = ClientGroups.from_settings(as_settings(cfg).partition.groups, 4)
     assert groups is not None
     mapping = groups.label_map(1, 10, 0)
     assert sorted(mapping) == list(range(10)) and (mapping != np.arange(10)).sum() >= 5
@@ -78,7 +86,7 @@ def test_group_transforms_apply_to_every_split_of_a_client() -> None:
     rotated = load_config(
         "partition=iid partition.groups.count=2 partition.groups.transform=rotation"
     )
-    turned = load_client_data(rotated.dataset, rotated.partition, 3, 4, 0)
+    turned = load_client_data(as_settings(rotated).dataset, as_settings(rotated).partition, 3, 4, 0)
     for split in ("train", "global_test"):
         np.testing.assert_array_equal(
             getattr(turned, split).x, np.rot90(getattr(base, split).x, 1, axes=(2, 3))
@@ -97,7 +105,7 @@ def test_group_transforms_apply_to_every_split_of_a_client() -> None:
 )
 def test_known_structure_presets(preset: str, sizes: tuple, transform: str) -> None:
     cfg = load_config(f"experiment={preset}")
-    groups = ClientGroups.from_config(cfg.partition.groups, int(cfg.num_clients))
+    groups = ClientGroups.from_settings(as_settings(cfg).partition.groups, int(cfg.num_clients))
     assert groups == ClientGroups(sizes, transform)
     assert (cfg.model.num_experts, cfg.model.top_k, cfg.capacity.value) == (4, 1, 1)
     single = load_config(f"experiment={preset} baseline=fedavg_e1")
@@ -188,7 +196,7 @@ def test_round_state_adds_the_switching_cost_to_held_experts_only() -> None:
     from flexmoe_core.round_state import RoundState
 
     cfg = load_config("model.num_experts=4 strategy.switching_cost=0.25")
-    state = RoundState(cfg, {"experts.0.w": np.zeros(2, np.float32)})
+    state = RoundState(as_settings(cfg), {"experts.0.w": np.zeros(2, np.float32)})
     state.holding = {0: [1], 1: [2, 3]}
     seen = {}
 
@@ -229,7 +237,7 @@ def test_relative_signals_compare_each_client_with_the_expert_holders() -> None:
 def test_heldout_feedback_is_each_expert_own_prediction_on_every_sample() -> None:
     cfg = load_config("model.num_experts=4")
     torch.manual_seed(0)
-    model = build_model(cfg.model, (1, 8, 8), 10, [1, 3])
+    model = build_model(as_settings(cfg).model, (1, 8, 8), 10, [1, 3])
     x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))
     feedback = heldout_feedback(model, x, y, batch_size=16)
     with torch.no_grad():
@@ -258,7 +266,10 @@ def test_heldout_feedback_comes_from_the_held_out_split_only(monkeypatch) -> Non
     )
     strategy = run_strategy(cfg, make_grid(2))
     assert len(seen) == 2 * int(cfg.num_rounds)
-    data = [load_client_data(cfg.dataset, cfg.partition, i, 2, 0) for i in range(2)]
+    data = [
+        load_client_data(as_settings(cfg).dataset, as_settings(cfg).partition, i, 2, 0)
+        for i in range(2)
+    ]
     held_out = [d.local_test.x for d in data]
     trained = np.concatenate([d.train.x for d in data]).reshape(-1, 64)
     for x in seen:
@@ -310,13 +321,13 @@ def test_the_oracle_needs_groups() -> None:
 def test_a_newly_held_expert_inherits_the_gate_row_of_the_expert_let_go() -> None:
     cfg = OmegaConf.merge(load_config("model.num_experts=4"), {})
     torch.manual_seed(0)
-    model = build_model(cfg.model, (1, 8, 8), 10, [0, 2])
+    model = build_model(as_settings(cfg).model, (1, 8, 8), 10, [0, 2])
     before = model.gate.weight.detach().clone()
     sources = inherit_gate_rows(model, previous=[0, 1])  # held 0 and 1; now 0 and 2
     assert sources == {2: 1}
     np.testing.assert_array_equal(model.gate.weight[2].detach(), before[1])
     np.testing.assert_array_equal(model.gate.weight[0].detach(), before[0])
-    grown = build_model(cfg.model, (1, 8, 8), 10, [0, 1, 3])
+    grown = build_model(as_settings(cfg).model, (1, 8, 8), 10, [0, 1, 3])
     grown_before = grown.gate.weight.detach().clone()
     assert inherit_gate_rows(grown, previous=[0, 1]) == {3: None}  # capacity grew
     np.testing.assert_allclose(grown.gate.weight[3].detach(), grown_before[[0, 1]].mean(0))

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from data_support import dataset_cfg, require
-from omegaconf import OmegaConf
 
-from flexmoe_core.config import load_config
+from flexmoe_core.config import load_settings
 from flexmoe_core.data import (
     DatasetError,
     client_split,
@@ -20,6 +19,7 @@ from flexmoe_core.data import (
     partition_indices,
     plot_label_distribution,
 )
+from flexmoe_core.settings import PartitionSettings
 
 pytestmark = pytest.mark.usefixtures("isolated_data_caches")
 
@@ -27,7 +27,9 @@ LABELS = np.repeat(np.arange(10), 300)  # 3,000 samples, grouped by class like r
 
 
 def _part(kind: str, **extra: object):
-    return OmegaConf.create({"type": kind, "min_partition_size": 10, **extra})
+    return PartitionSettings.from_mapping(
+        {"type": kind, "min_partition_size": 10, "local_test_fraction": 0.2, **extra}
+    )
 
 
 def _skew(parts: list[np.ndarray], labels: np.ndarray) -> float:
@@ -104,7 +106,7 @@ def test_client_split_is_stratified_disjoint_and_never_empty() -> None:
 
 
 def test_client_data_too_small_partition() -> None:
-    cfg = load_config("dataset=digits partition=iid")
+    cfg = load_settings("dataset=digits partition=iid")
     with pytest.raises(DatasetError, match="min_partition_size"):
         load_client_data(cfg.dataset, cfg.partition, 0, 1000, seed=0)
     with pytest.raises(DatasetError, match="partition-id"):
@@ -112,7 +114,7 @@ def test_client_data_too_small_partition() -> None:
 
 
 def test_label_counts_match_client_data_and_plot(tmp_path: Path) -> None:
-    cfg = load_config("dataset=digits partition=kclass partition.classes_per_client=3")
+    cfg = load_settings("dataset=digits partition=kclass partition.classes_per_client=3")
     counts = label_counts(cfg.dataset, cfg.partition, 6, seed=2)
     assert counts.shape == (6, 10)
     assert counts.sum() == len(load_raw(cfg.dataset, 2).train)

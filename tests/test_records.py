@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from run_helpers import as_settings
 from test_round_state import config, initial_arrays, run_round
 
 from flexmoe_core.records import (
@@ -111,8 +112,8 @@ def test_the_report_reads_a_run_written_before(tmp_path: Path) -> None:
 def test_summary_json_and_the_report_agree(tmp_path: Path) -> None:
     """One definition: the figures summary.json holds are those the report computes."""
     cfg = config("evaluate.global_every=2")
-    state = RoundState(cfg, initial_arrays())
-    recorder = RunRecorder(tmp_path, cfg)
+    state = RoundState(as_settings(cfg), initial_arrays())
+    recorder = RunRecorder(tmp_path, as_settings(cfg))
     capacities = {k: 2 for k in range(4)}
     finished = []
     for server_round in (1, 2, 3):

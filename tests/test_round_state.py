@@ -7,11 +7,12 @@ import pytest
 
 from flexmoe_core.aggregation import ClientUpdate
 from flexmoe_core.checkpoint import load_checkpoint, save_checkpoint
-from flexmoe_core.config import load_config
+from flexmoe_core.config import load_settings
 from flexmoe_core.fitness import ExpertFeedback
 from flexmoe_core.reply_gate import check_update
 from flexmoe_core.roster import Roster
 from flexmoe_core.round_state import NO_REPLY, ClientReply, RoundResults, RoundState
+from flexmoe_core.settings import Settings
 
 E = 4
 
@@ -78,8 +79,8 @@ def test_reported_capacities_are_checked_and_used() -> None:
 
 
 # ------------------------------------------------------------- round state
-def config(extra: str = "") -> object:
-    return load_config(
+def config(extra: str = "") -> Settings:
+    return load_settings(
         f"model.num_experts={E} num_rounds=3 min_clients_per_round=2 fitness.q0=1.0 "
         f"evaluate.every=1 evaluate.global_every=2 {extra}"
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
+from run_helpers import as_settings
 
 from client_app.app import app as client_app
 from flexmoe_core import protocol
@@ -26,8 +27,8 @@ def nodes(count: int, **extra) -> list[dict]:
 
 
 def run(cfg, grid: InProcessGrid) -> FlexMoEStrategy:
-    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes)
-    strategy = FlexMoEStrategy(cfg)
+    model = build_model(as_settings(cfg).model, cfg.dataset.input_shape, cfg.dataset.num_classes)
+    strategy = FlexMoEStrategy(as_settings(cfg))
     strategy.start(grid, to_array_record(shared_state(model)), num_rounds=cfg.num_rounds)
     return strategy
 
@@ -170,9 +171,9 @@ def test_results_written_by_the_server_app(tmp_path: Path, tiny_overrides: str) 
 
 def test_unheld_experts_keep_their_value(tiny_overrides: str) -> None:
     cfg = load_config(tiny_overrides + " num_rounds=1 capacity.profile=constant capacity.value=1")
-    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes)
+    model = build_model(as_settings(cfg).model, cfg.dataset.input_shape, cfg.dataset.num_classes)
     initial = shared_state(model)
-    strategy = FlexMoEStrategy(cfg)
+    strategy = FlexMoEStrategy(as_settings(cfg))
     strategy.start(InProcessGrid(client_app, nodes(4)), to_array_record(initial), num_rounds=1)
     held = {e for experts in strategy.history[0].allocation.assignment.values() for e in experts}
     assert len(held) == 4
@@ -299,8 +300,8 @@ def test_flower_hooks_of_start_are_refused_not_ignored(tiny_overrides: str, hook
     # Even an empty ConfigRecord is refused: the run's settings alone configure the clients.
     value = ConfigRecord() if hook.endswith("_config") else (lambda *_args: None)
     cfg = load_config(tiny_overrides)
-    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes)
-    strategy = FlexMoEStrategy(cfg)
+    model = build_model(as_settings(cfg).model, cfg.dataset.input_shape, cfg.dataset.num_classes)
+    strategy = FlexMoEStrategy(as_settings(cfg))
     grid = InProcessGrid(client_app, nodes(2))
     with pytest.raises(TypeError, match=rf"{hook}.*train\.\* and evaluate\.\*"):
         strategy.start(grid, to_array_record(shared_state(model)), num_rounds=1, **{hook: value})

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ..settings import StrategySettings
     from .problem import Allocator
 
 
@@ -19,52 +20,52 @@ if TYPE_CHECKING:
 class Strategy:
     """One allocation strategy: its ``strategy.name`` and what builds its allocator.
 
-    ``build`` takes the ``strategy`` config and its tie-breaking noise scale.
+    ``build`` takes the ``strategy`` settings and its tie-breaking noise scale.
     ``holds_all_experts`` marks a strategy whose clients hold every expert rather than
     k_c of E (its loads would set the scale of the load heatmaps).
     """
 
     name: str
-    build: Callable[[Any, float], Allocator]
+    build: Callable[[StrategySettings, float], Allocator]
     holds_all_experts: bool = False
 
 
-def _flexmoe(strategy_cfg: Any, tie_noise: float) -> Allocator:
+def _flexmoe(strategy: StrategySettings, tie_noise: float) -> Allocator:
     from .flex import FlexAllocator
 
     return FlexAllocator(
-        float(strategy_cfg.get("epsilon", 0.0)),
-        str(strategy_cfg.get("solver", "auto")),
+        strategy.epsilon,
+        strategy.solver,
         tie_noise,
-        bool(strategy_cfg.get("deficit_rule", True)),
+        strategy.deficit_rule,
     )
 
 
-def _oracle(strategy_cfg: Any, tie_noise: float) -> Allocator:
+def _oracle(strategy: StrategySettings, tie_noise: float) -> Allocator:
     from .baselines import OracleAllocator
 
     return OracleAllocator(tie_noise)
 
 
-def _greedy(strategy_cfg: Any, tie_noise: float) -> Allocator:
+def _greedy(strategy: StrategySettings, tie_noise: float) -> Allocator:
     from .baselines import GreedyAllocator
 
     return GreedyAllocator(tie_noise)
 
 
-def _random(strategy_cfg: Any, tie_noise: float) -> Allocator:
+def _random(strategy: StrategySettings, tie_noise: float) -> Allocator:
     from .baselines import RandomAllocator
 
     return RandomAllocator()
 
 
-def _expert_choice(strategy_cfg: Any, tie_noise: float) -> Allocator:
+def _expert_choice(strategy: StrategySettings, tie_noise: float) -> Allocator:
     from .baselines import ExpertChoiceAllocator
 
     return ExpertChoiceAllocator(tie_noise)
 
 
-def _dense(strategy_cfg: Any, tie_noise: float) -> Allocator:
+def _dense(strategy: StrategySettings, tie_noise: float) -> Allocator:
     from .baselines import DenseAllocator
 
     return DenseAllocator()
@@ -89,11 +90,6 @@ ALL_EXPERTS_STRATEGY_NAMES: tuple[str, ...] = tuple(
 )
 
 
-def make_allocator(strategy_cfg: Any) -> Allocator:
-    """Return the allocator named by ``strategy_cfg.name``."""
-    name = strategy_cfg.name
-    noise = float(strategy_cfg.get("tie_noise", 1e-6))
-    if name not in STRATEGIES:
-        *first, last = STRATEGY_NAMES
-        raise ValueError(f"Unknown strategy {name!r}: choose {', '.join(first)} or {last}")
-    return STRATEGIES[name].build(strategy_cfg, noise)
+def make_allocator(strategy: StrategySettings) -> Allocator:
+    """Return the allocator named by ``strategy.name`` (the schema checked the name)."""
+    return STRATEGIES[strategy.name].build(strategy, strategy.tie_noise)

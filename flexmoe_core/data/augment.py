@@ -7,14 +7,13 @@ reproducible and vectorised (no per-image Python loop).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from .errors import DatasetError
+from ..settings import AugmentSettings
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
 
@@ -57,33 +56,13 @@ def random_crop_flip(
     return x
 
 
-def build_augment(dataset_cfg: Mapping[str, Any]) -> Augment | None:
-    """Return the augmentation of ``dataset_cfg.preprocess.augment``, or None.
+def build_augment(augment: AugmentSettings | None) -> Augment | None:
+    """Return the augmentation ``dataset.preprocess.augment`` describes, or None.
 
-    ``augment`` is ``false``/``null`` (none), ``true`` (crop with 4 pixels of
-    padding and horizontal flip), or a mapping with ``crop_padding`` (int) and
-    ``horizontal_flip`` (bool).
-
-    Raises
-    ------
-    DatasetError
-        If ``augment`` has another form or a negative padding.
+    None (``augment: false``/``null``), or a random crop with ``crop_padding`` pixels
+    of padding and, with ``horizontal_flip``, a random flip. The schema checked the
+    setting's form and range.
     """
-    spec = (dataset_cfg.get("preprocess") or {}).get("augment")
-    if spec is None or spec is False:
+    if augment is None or (augment.crop_padding == 0 and not augment.horizontal_flip):
         return None
-    if spec is True:
-        padding, flip = 4, True
-    elif isinstance(spec, Mapping) or hasattr(spec, "items"):
-        padding = int(spec.get("crop_padding", 0) or 0)
-        flip = bool(spec.get("horizontal_flip", False))
-    else:
-        raise DatasetError(
-            f"dataset.preprocess.augment={spec!r}: use false, true, or "
-            "{crop_padding: int, horizontal_flip: bool}"
-        )
-    if padding < 0:
-        raise DatasetError(f"dataset.preprocess.augment.crop_padding={padding}: must be >= 0")
-    if padding == 0 and not flip:
-        return None
-    return partial(random_crop_flip, padding=padding, flip=flip)
+    return partial(random_crop_flip, padding=augment.crop_padding, flip=augment.horizontal_flip)

@@ -7,13 +7,12 @@ memory map, so each client process reads and normalises only its own partition.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
+from ..settings import DatasetSettings, PartitionSettings
 from .errors import DatasetError
 from .groups import ClientGroups
 from .partition import client_split, partition_indices
@@ -32,23 +31,18 @@ class ClientData:
     input_shape: tuple[int, int, int]
 
 
-def _key(cfg: DictConfig) -> str:
-    return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
-
-
 @lru_cache(maxsize=4)
-def _raw(dataset_key: str, seed: int) -> RawDataset:
-    return load_raw(OmegaConf.create(json.loads(dataset_key)), seed)
+def _raw(dataset: DatasetSettings, seed: int) -> RawDataset:
+    return load_raw(dataset, seed)
 
 
 @lru_cache(maxsize=8)
 def _partitions(
-    dataset_key: str, partition_key: str, num: int, seed: int
+    dataset: DatasetSettings, partition: PartitionSettings, num: int, seed: int
 ) -> tuple[np.ndarray, ...]:
-    labels = _raw(dataset_key, seed).train.labels
-    cfg = json.loads(partition_key)
-    parts = partition_indices(labels, cfg, num, seed)
-    cap = cfg.get("max_client_samples")
+    labels = _raw(dataset, seed).train.labels
+    parts = partition_indices(labels, partition, num, seed)
+    cap = partition.max_client_samples
     if cap:  # CPU-scale runs: keep a seeded random share of each client's partition
         parts = [
             np.sort(np.random.default_rng([seed, i, 104_729]).choice(p, int(cap), replace=False))
@@ -60,15 +54,15 @@ def _partitions(
 
 
 def load_client_data(
-    dataset_cfg: DictConfig,
-    partition_cfg: DictConfig,
+    dataset: DatasetSettings,
+    partition: PartitionSettings,
     partition_id: int,
     num_partitions: int,
     seed: int,
 ) -> ClientData:
     """Return partition ``partition_id`` of ``num_partitions``, split train/local test.
 
-    With ``partition_cfg.groups``, every split is seen through the client's group
+    With ``partition.groups``, every split is seen through the client's group
     transform (:mod:`flexmoe_core.data.groups`).
 
     The global test split is normalised lazily: ``global_test.subset(idx)`` reads
@@ -78,14 +72,13 @@ def load_client_data(
     ------
     DatasetError
         If the partition id is out of range, the partition is smaller than
-        ``partition_cfg.min_partition_size``, or the dataset cannot be loaded.
+        ``partition.min_partition_size``, or the dataset cannot be loaded.
     """
     if not 0 <= partition_id < num_partitions:
         raise DatasetError(f"partition-id {partition_id} is not in [0, {num_partitions})")
-    dataset_key = _key(dataset_cfg)
-    raw = _raw(dataset_key, seed)
-    indices = _partitions(dataset_key, _key(partition_cfg), num_partitions, seed)[partition_id]
-    minimum = int(partition_cfg.get("min_partition_size", 1))
+    raw = _raw(dataset, seed)
+    indices = _partitions(dataset, partition, num_partitions, seed)[partition_id]
+    minimum = partition.min_partition_size
     if len(indices) < max(minimum, 2):
         raise DatasetError(
             f"partition {partition_id} of {num_partitions} holds {len(indices)} samples, "
@@ -94,14 +87,14 @@ def load_client_data(
         )
     train_idx, test_idx = client_split(
         indices,
-        float(partition_cfg.local_test_fraction),
+        partition.local_test_fraction,
         seed + 7919 * (partition_id + 1),
         labels=raw.train.labels[indices],
     )
-    normaliser = Normaliser.from_config(dataset_cfg.preprocess, raw.input_shape[0])
+    normaliser = Normaliser.from_settings(dataset.preprocess, raw.input_shape[0])
     labels = raw.train.labels
 
-    groups = ClientGroups.from_config(partition_cfg.get("groups"), num_partitions)
+    groups = ClientGroups.from_settings(partition.groups, num_partitions)
 
     def part(data: ArrayDataset) -> ArrayDataset:
         if groups is None:
@@ -121,16 +114,15 @@ def load_client_data(
 
 
 def label_counts(
-    dataset_cfg: DictConfig, partition_cfg: DictConfig, num_partitions: int, seed: int
+    dataset: DatasetSettings, partition: PartitionSettings, num_partitions: int, seed: int
 ) -> np.ndarray:
     """Return the clients x classes table of training-sample counts per partition.
 
     Counts cover each client's whole partition (its training and local test
     samples), exactly as :func:`load_client_data` partitions it.
     """
-    dataset_key = _key(dataset_cfg)
-    raw = _raw(dataset_key, seed)
-    parts = _partitions(dataset_key, _key(partition_cfg), num_partitions, seed)
+    raw = _raw(dataset, seed)
+    parts = _partitions(dataset, partition, num_partitions, seed)
     labels = raw.train.labels
     return np.stack([np.bincount(labels[p], minlength=raw.num_classes) for p in parts])
 

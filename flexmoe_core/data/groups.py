@@ -19,12 +19,12 @@ client's own task.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from ..settings import GroupSettings
 from .errors import DatasetError
 from .sources import ArrayDataset
 
@@ -41,7 +41,7 @@ class ClientGroups:
     transform: str
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None, num_clients: int) -> ClientGroups | None:
+    def from_settings(cls, groups: GroupSettings, num_clients: int) -> ClientGroups | None:
         """Return the groups ``partition.groups`` describes, or None (``count: 0``).
 
         ``count`` groups of equal size (the first ``num_clients % count`` one larger),
@@ -52,11 +52,11 @@ class ClientGroups:
         DatasetError
             If the sizes do not add up to ``num_clients``, or a group would be empty.
         """
-        if not cfg or (not int(cfg.get("count", 0) or 0) and not cfg.get("sizes")):
+        if not groups.enabled:
             return None
-        transform = str(cfg.get("transform", "labels"))
-        if cfg.get("sizes"):
-            sizes = tuple(int(s) for s in cfg["sizes"])
+        transform = groups.transform
+        if groups.sizes:
+            sizes = groups.sizes
             if sum(sizes) != num_clients or min(sizes) < 1:
                 raise DatasetError(
                     f"partition.groups.sizes={list(sizes)} adds up to {sum(sizes)} clients, "
@@ -65,7 +65,7 @@ class ClientGroups:
                     "partition.groups.count=G for equal groups"
                 )
         else:
-            count = int(cfg["count"])
+            count = groups.count
             if count > num_clients:
                 raise DatasetError(
                     f"partition.groups.count={count} groups for {num_clients} clients: "

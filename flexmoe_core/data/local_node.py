@@ -14,12 +14,12 @@ it does not contribute to ``global_acc``.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from functools import lru_cache
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
+from ..settings import DatasetSettings, PartitionSettings
 from .errors import DatasetError
 from .federated import ClientData
 from .partition import client_split
@@ -30,15 +30,15 @@ from .sources import ArrayDataset, Normaliser
 _SPLIT_STREAM = 104_729
 
 
-def node_dataset_config(
-    dataset_cfg: DictConfig, data_path: str, data_format: str | None = None
-) -> DictConfig:
+def node_dataset_settings(
+    dataset: DatasetSettings, data_path: str, data_format: str | None = None
+) -> DatasetSettings:
     """Return the run's dataset settings pointed at a node's own files.
 
     Parameters
     ----------
-    dataset_cfg : DictConfig
-        The run's ``dataset`` section (shape, classes, preprocessing).
+    dataset : DatasetSettings
+        The run's ``dataset`` settings (shape, classes, preprocessing).
     data_path : str
         The node's folder, archive or glob (node config ``data-path``).
     data_format : str, optional
@@ -50,33 +50,30 @@ def node_dataset_config(
     DatasetError
         If no file format is known for the node's files.
     """
-    source = data_format or str(dataset_cfg.get("source"))
+    source = data_format or dataset.source
     if source not in FILE_SOURCES:
         raise DatasetError(
             f"data-path={data_path!r} needs a file format, but the run's dataset "
-            f"{dataset_cfg.get('name')!r} has source={source!r}; set "
+            f"{dataset.name!r} has source={source!r}; set "
             f"data-format=<{'|'.join(FILE_SOURCES)}> in the SuperNode's node config"
         )
-    cfg = OmegaConf.to_container(dataset_cfg, resolve=True)
-    assert isinstance(cfg, dict)
-    cfg["source"] = source
-    cfg["path"] = str(data_path)
-    if source == "imagefolder" and not cfg.get("classes"):
+    classes = dataset.classes
+    if source == "imagefolder" and not classes:
         # Labels must not depend on which classes a node happens to hold: without a
         # class list, sorted folder names of a node with classes 4..9 would become
         # labels 0..5. Folders are then named by label number, 0..num_classes-1.
-        cfg["classes"] = [str(i) for i in range(int(cfg["num_classes"]))]
+        classes = tuple(str(i) for i in range(dataset.num_classes))
     # Every sample at the path is pooled below, so the dataset's own test split (or
     # a held-out one for single-split sources) only matters for reading the files.
-    if cfg.get("test_fraction") is None:
-        cfg["test_fraction"] = 0.5
-    return OmegaConf.create(cfg)
+    test_fraction = 0.5 if dataset.test_fraction is None else dataset.test_fraction
+    return dataclasses.replace(
+        dataset, source=source, path=str(data_path), classes=classes, test_fraction=test_fraction
+    )
 
 
 @lru_cache(maxsize=2)
-def _load(dataset_key: str, test_fraction: float, seed: int, client_key: int) -> ClientData:
-    cfg = OmegaConf.create(json.loads(dataset_key))
-    raw = load_raw(cfg, seed)
+def _load(dataset: DatasetSettings, test_fraction: float, seed: int, client_key: int) -> ClientData:
+    raw = load_raw(dataset, seed)
     pixels = np.concatenate(
         [raw.train.take(np.arange(len(raw.train))), raw.test.take(np.arange(len(raw.test)))]
     )
@@ -92,7 +89,7 @@ def _load(dataset_key: str, test_fraction: float, seed: int, client_key: int) ->
         seed + _SPLIT_STREAM * (client_key + 1),
         labels=labels,
     )
-    normaliser = Normaliser.from_config(cfg.preprocess, raw.input_shape[0])
+    normaliser = Normaliser.from_settings(dataset.preprocess, raw.input_shape[0])
     empty = np.zeros((0, *raw.input_shape), dtype=np.float32)
     return ClientData(
         ArrayDataset(normaliser(pixels[train_idx]), labels[train_idx]),
@@ -104,8 +101,8 @@ def _load(dataset_key: str, test_fraction: float, seed: int, client_key: int) ->
 
 
 def load_node_data(
-    dataset_cfg: DictConfig,
-    partition_cfg: DictConfig,
+    dataset: DatasetSettings,
+    partition: PartitionSettings,
     data_path: str,
     seed: int,
     client_key: int,
@@ -115,10 +112,10 @@ def load_node_data(
 
     Parameters
     ----------
-    dataset_cfg : DictConfig
-        The run's ``dataset`` section.
-    partition_cfg : DictConfig
-        The run's ``partition`` section; only ``local_test_fraction`` is used.
+    dataset : DatasetSettings
+        The run's ``dataset`` settings.
+    partition : PartitionSettings
+        The run's ``partition`` settings; only ``local_test_fraction`` is used.
     data_path : str
         Node config ``data-path``.
     seed : int
@@ -134,6 +131,5 @@ def load_node_data(
         If the files cannot be read, their labels do not fit the run's classes, or
         fewer than two samples are found.
     """
-    cfg = node_dataset_config(dataset_cfg, data_path, data_format)
-    key = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
-    return _load(key, float(partition_cfg.local_test_fraction), int(seed), int(client_key))
+    node_dataset = node_dataset_settings(dataset, data_path, data_format)
+    return _load(node_dataset, partition.local_test_fraction, int(seed), int(client_key))

@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
 import numpy as np
 
+from ..settings import PartitionSettings
 from .errors import DatasetError
 
 PARTITION_TYPES = ("iid", "dirichlet", "kclass")
@@ -57,31 +57,31 @@ def _column(table: Any, name: str) -> np.ndarray:
     return table.with_format("arrow")[:][name].to_numpy()
 
 
-def _partitioner(cfg: Mapping[str, Any], num_partitions: int, seed: int) -> Any:
+def _partitioner(partition: PartitionSettings, num_partitions: int, seed: int) -> Any:
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         IidPartitioner,
         PathologicalPartitioner,
     )
 
-    kind = cfg.get("type")
+    kind = partition.type
     if kind == "iid":
         return IidPartitioner(num_partitions=num_partitions)
     if kind == "dirichlet":
         return DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by="label",
-            alpha=float(cfg["alpha"]),
-            min_partition_size=int(cfg.get("min_partition_size", 0) or 0),
-            self_balancing=bool(cfg.get("self_balancing", False)),
+            alpha=float(partition.alpha),  # type: ignore[arg-type]
+            min_partition_size=partition.min_partition_size,
+            self_balancing=partition.self_balancing,
             seed=seed,
         )
     if kind == "kclass":
         return PathologicalPartitioner(
             num_partitions=num_partitions,
             partition_by="label",
-            num_classes_per_partition=int(cfg["classes_per_client"]),
-            class_assignment_mode=str(cfg.get("class_assignment", "first-deterministic")),
+            num_classes_per_partition=int(partition.classes_per_client),  # type: ignore[arg-type]
+            class_assignment_mode=partition.class_assignment,
             seed=seed,
         )
     raise DatasetError(
@@ -89,16 +89,16 @@ def _partitioner(cfg: Mapping[str, Any], num_partitions: int, seed: int) -> Any:
     )
 
 
-def _fix_hint(cfg: Mapping[str, Any]) -> str:
-    if cfg.get("type") == "dirichlet":
+def _fix_hint(partition: PartitionSettings) -> str:
+    if partition.type == "dirichlet":
         return "raise partition.alpha, lower partition.min_partition_size or use fewer clients"
-    if cfg.get("type") == "kclass":
+    if partition.type == "kclass":
         return "lower partition.classes_per_client or use fewer clients"
     return "use fewer clients or lower partition.min_partition_size"
 
 
 def partition_indices(
-    labels: np.ndarray, cfg: Mapping[str, Any], num_partitions: int, seed: int
+    labels: np.ndarray, partition: PartitionSettings, num_partitions: int, seed: int
 ) -> list[np.ndarray]:
     """Split sample indices into ``num_partitions`` disjoint client partitions.
 
@@ -106,9 +106,10 @@ def partition_indices(
     ----------
     labels : np.ndarray
         Label of every training sample.
-    cfg : mapping
-        A ``conf/partition/*.yaml`` entry: ``type`` iid | dirichlet (``alpha``,
-        ``self_balancing``) | kclass (``classes_per_client``, ``class_assignment``),
+    partition : PartitionSettings
+        The ``partition.*`` settings (a ``conf/partition/*.yaml`` entry): ``type``
+        iid | dirichlet (``alpha``, ``self_balancing``) | kclass (``classes_per_client``,
+        ``class_assignment``),
         and ``min_partition_size``.
     num_partitions : int
         Number of clients.
@@ -133,7 +134,7 @@ def partition_indices(
         raise DatasetError(
             f"{num_partitions} partitions of {len(labels)} samples: use fewer clients"
         )
-    partitioner = _partitioner(cfg, num_partitions, seed)
+    partitioner = _partitioner(partition, num_partitions, seed)
     order = np.random.default_rng(seed).permutation(len(labels))
     table = _index_table_class().from_dict({"label": labels[order], "index": order})
     partitioner.dataset = table
@@ -147,16 +148,16 @@ def partition_indices(
             ]
     except ValueError as exc:
         raise DatasetError(
-            f"partition.type={cfg.get('type')!r} with {num_partitions} clients cannot be "
-            f"built: {exc} — {_fix_hint(cfg)}"
+            f"partition.type={partition.type!r} with {num_partitions} clients cannot be "
+            f"built: {exc} — {_fix_hint(partition)}"
         ) from exc
-    minimum = int(cfg.get("min_partition_size", 1) or 1)
+    minimum = partition.min_partition_size or 1
     sizes = [len(p) for p in parts]
     if min(sizes) < minimum:
         smallest = int(np.argmin(sizes))
         raise DatasetError(
             f"partition {smallest} of {num_partitions} holds {sizes[smallest]} samples, "
-            f"fewer than partition.min_partition_size={minimum}; {_fix_hint(cfg)}"
+            f"fewer than partition.min_partition_size={minimum}; {_fix_hint(partition)}"
         )
     return parts
 

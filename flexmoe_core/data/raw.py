@@ -9,13 +9,12 @@ stratified one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
+from ..settings import DatasetSettings
 from .cache import load_or_build, resolve_cache_dir
 from .errors import DatasetError
 from .files import fingerprint, resolve_paths
@@ -74,107 +73,118 @@ class RawDataset:
     origin: str
 
 
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+def _path(dataset: DatasetSettings) -> str | list[str] | None:
+    return list(dataset.path) if isinstance(dataset.path, tuple) else dataset.path
 
 
-def effective_source(cfg: DictConfig) -> str:
+def effective_source(dataset: DatasetSettings) -> str:
     """Return the source actually used: a file format, ``hf`` or ``sklearn``.
 
     A file format with ``path: null`` falls back to the hub id in ``hf.id``.
 
+    The schema checked ``dataset.source``, and a node's ``data-format`` is checked
+    where it is read (:func:`flexmoe_core.data.local_node.node_dataset_settings`).
+
     Raises
     ------
     DatasetError
-        If the source is unknown, or neither a path nor a hub id is given.
+        If neither a path nor a hub id is given.
     """
-    source = str(cfg.get("source"))
-    if source not in SOURCES:
-        raise DatasetError(
-            f"dataset.source={source!r} for dataset {cfg.get('name')!r} is unknown; "
-            f"choose one of {', '.join(SOURCES)}"
-        )
-    hub = cfg.get("hf") or {}
-    if source in FILE_SOURCES and cfg.get("path") is None:
-        if hub.get("id"):
+    source = dataset.source
+    hub_id = dataset.hf.id if dataset.hf is not None else None
+    if source in FILE_SOURCES and dataset.path is None:
+        if hub_id:
             return "hf"
         raise DatasetError(
-            f"dataset {cfg.get('name')!r}: dataset.path is null and no dataset.hf.id is "
+            f"dataset {dataset.name!r}: dataset.path is null and no dataset.hf.id is "
             f"set; point dataset.path at the {source} files"
         )
-    if source == "hf" and not hub.get("id"):
+    if source == "hf" and not hub_id:
         raise DatasetError("dataset.source=hf needs dataset.hf.id (a Hugging Face dataset id)")
     return source
 
 
-def _hub_settings(cfg: DictConfig) -> dict[str, Any]:
-    return {**_DEFAULT_HUB, **(_plain(cfg.get("hf")) or {})}
+def _hub_settings(dataset: DatasetSettings) -> dict[str, Any]:
+    return {**_DEFAULT_HUB, **(dataset.hf.as_dict() if dataset.hf is not None else {})}
 
 
-def _split_names(cfg: DictConfig) -> dict[str, str]:
-    return {**_DEFAULT_SPLITS, **(_plain(cfg.get("split_names")) or {})}
+def _split_names(dataset: DatasetSettings) -> dict[str, str]:
+    names = dataset.split_names.as_dict() if dataset.split_names is not None else {}
+    return {**_DEFAULT_SPLITS, **names}
+
+
+def _classes(dataset: DatasetSettings) -> list[str] | None:
+    return None if dataset.classes is None else list(dataset.classes)
 
 
 def _read(
-    cfg: DictConfig, source: str, shape: tuple[int, int, int], hub_loader: HubLoader | None
+    dataset: DatasetSettings,
+    source: str,
+    shape: tuple[int, int, int],
+    hub_loader: HubLoader | None,
 ) -> SourceArrays:
     if source == "hf":
-        return read_hub(_hub_settings(cfg), _split_names(cfg), shape, hub_loader)
-    roots = resolve_paths(_plain(cfg.get("path")))
+        return read_hub(_hub_settings(dataset), _split_names(dataset), shape, hub_loader)
+    roots = resolve_paths(_path(dataset))
     if source == "imagefolder":
-        classes = _plain(cfg.get("classes"))
-        return read_imagefolder(roots, shape, _split_names(cfg), classes)
+        return read_imagefolder(roots, shape, _split_names(dataset), _classes(dataset))
     if source == "gtsrb":
         return read_gtsrb(roots, shape)
     if source == "idx":
-        return read_idx(roots, shape, cfg.get("idx_prefix"))
+        return read_idx(roots, shape, dataset.idx_prefix)
     return read_cifar_batches(roots, shape)
 
 
-def _cache_key(cfg: DictConfig, source: str, shape: tuple[int, int, int]) -> dict[str, Any]:
-    key: dict[str, Any] = {"name": str(cfg.name), "source": source, "shape": list(shape)}
+def _cache_key(
+    dataset: DatasetSettings, source: str, shape: tuple[int, int, int]
+) -> dict[str, Any]:
+    key: dict[str, Any] = {"name": dataset.name, "source": source, "shape": list(shape)}
     if source == "hf":
-        key["hub"] = _hub_settings(cfg)
-        key["split_names"] = _split_names(cfg)
+        key["hub"] = _hub_settings(dataset)
+        key["split_names"] = _split_names(dataset)
         return key
-    key["files"] = fingerprint(resolve_paths(_plain(cfg.get("path"))))
+    key["files"] = fingerprint(resolve_paths(_path(dataset)))
     if source == "imagefolder":
-        key["split_names"] = _split_names(cfg)
-        key["classes"] = _plain(cfg.get("classes"))
+        key["split_names"] = _split_names(dataset)
+        key["classes"] = _classes(dataset)
     elif source == "idx":
-        key["idx_prefix"] = cfg.get("idx_prefix")
+        key["idx_prefix"] = dataset.idx_prefix
     return key
 
 
-def _origin(cfg: DictConfig, source: str) -> str:
+def _origin(dataset: DatasetSettings, source: str) -> str:
     if source == "hf":
-        return f"hf://{_hub_settings(cfg)['id']}"
+        return f"hf://{_hub_settings(dataset)['id']}"
     if source == "sklearn":
-        return f"sklearn:{cfg.name}"
-    return ", ".join(str(p) for p in resolve_paths(_plain(cfg.get("path"))))
+        return f"sklearn:{dataset.name}"
+    return ", ".join(str(p) for p in resolve_paths(_path(dataset)))
 
 
 def _load_splits(
-    cfg: DictConfig, source: str, shape: tuple[int, int, int], hub_loader: HubLoader | None
+    dataset: DatasetSettings,
+    source: str,
+    shape: tuple[int, int, int],
+    hub_loader: HubLoader | None,
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str] | None]:
     if source == "sklearn":
-        arrays = read_sklearn(str(cfg.name), shape)
+        arrays = read_sklearn(dataset.name, shape)
         return arrays.splits, arrays.class_names
 
     def build() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        decoded = _read(cfg, source, shape, hub_loader)
+        decoded = _read(dataset, source, shape, hub_loader)
         flat: dict[str, np.ndarray] = {}
         for split, (x, y) in decoded.splits.items():
             flat[f"{split}_x"], flat[f"{split}_y"] = x, y
         meta = {
             "splits": sorted(decoded.splits),
             "class_names": decoded.class_names,
-            "origin": _origin(cfg, source),
+            "origin": _origin(dataset, source),
         }
         return flat, meta
 
-    cache_dir = resolve_cache_dir(cfg.get("cache_dir"))
-    flat, meta = load_or_build(cache_dir, str(cfg.name), _cache_key(cfg, source, shape), build)
+    cache_dir = resolve_cache_dir(dataset.cache_dir)
+    key = _cache_key(dataset, source, shape)
+    flat, meta = load_or_build(cache_dir, dataset.name, key, build)
     splits = {s: (flat[f"{s}_x"], flat[f"{s}_y"]) for s in meta["splits"]}
     return splits, meta.get("class_names")
 
@@ -227,14 +237,14 @@ def _as_split(x: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> R
 
 
 def load_raw(
-    cfg: DictConfig | Mapping[str, Any], seed: int = 0, *, hub_loader: HubLoader | None = None
+    dataset: DatasetSettings, seed: int = 0, *, hub_loader: HubLoader | None = None
 ) -> RawDataset:
-    """Load the dataset of ``cfg`` as uint8 train/test splits (cached on disk).
+    """Load ``dataset`` as uint8 train/test splits (cached on disk).
 
     Parameters
     ----------
-    cfg : DictConfig or mapping
-        A ``conf/dataset/*.yaml`` entry.
+    dataset : DatasetSettings
+        The run's ``dataset.*`` settings (a ``conf/dataset/*.yaml`` entry).
     seed : int
         Seed of the stratified test split for sources without one.
     hub_loader : callable, optional
@@ -251,16 +261,12 @@ def load_raw(
         For a missing path, an unknown format, a corrupt file, labels outside
         ``0..num_classes-1``, or a single-split source without ``test_fraction``.
     """
-    if not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.create(dict(cfg))
-    shape = tuple(int(s) for s in cfg.input_shape)
-    if len(shape) != 3:
-        raise DatasetError(f"dataset.input_shape={list(shape)}: must be [C, H, W]")
-    source = effective_source(cfg)
-    splits, class_names = _load_splits(cfg, source, shape, hub_loader)  # type: ignore[arg-type]
-    origin = _origin(cfg, source)
-    num_classes = int(cfg.num_classes)
-    offset = int(cfg.get("label_offset") or 0)
+    shape = dataset.input_shape
+    source = effective_source(dataset)
+    splits, class_names = _load_splits(dataset, source, shape, hub_loader)  # type: ignore[arg-type]
+    origin = _origin(dataset, source)
+    num_classes = dataset.num_classes
+    offset = dataset.label_offset
     labelled: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split, (x, y) in splits.items():
         labels = np.asarray(y, dtype=np.int64) - offset
@@ -270,7 +276,7 @@ def load_raw(
         train, test = _as_split(*labelled["train"]), _as_split(*labelled["test"])
     else:
         (only, (x, y)), *_ = labelled.items()
-        fraction = cfg.get("test_fraction")
+        fraction = dataset.test_fraction
         if fraction is None:
             raise DatasetError(
                 f"{origin}: only a {only!r} split was found; add the missing split's "

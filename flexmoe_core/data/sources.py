@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
 
+from ..settings import DatasetSettings, PreprocessSettings
 from .errors import DatasetError
 from .raw import load_raw
 
@@ -44,6 +44,12 @@ class Normaliser:
         if (values["std"] <= 0).any():
             raise DatasetError("dataset.preprocess.std must be positive")
         return cls(float(preprocess["scale"]), values["mean"], values["std"])
+
+    @classmethod
+    def from_settings(cls, preprocess: PreprocessSettings, channels: int) -> Normaliser:
+        """Build from the run's typed ``dataset.preprocess`` settings."""
+        plain = {"mean": preprocess.mean, "std": preprocess.std, "scale": preprocess.scale}
+        return cls.from_config(plain, channels)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """Return normalised float32 images; ``pixels`` may be a memory map."""
@@ -140,8 +146,8 @@ def normalise(images: np.ndarray, preprocess: Mapping[str, Any]) -> np.ndarray:
     return Normaliser.from_config(preprocess, images.shape[1])(images)
 
 
-def load_dataset(cfg: DictConfig, seed: int = 0) -> DatasetSplits:
-    """Load the dataset described by ``cfg`` (a ``conf/dataset/*.yaml`` entry), normalised.
+def load_dataset(dataset: DatasetSettings, seed: int = 0) -> DatasetSplits:
+    """Load ``dataset`` (a ``conf/dataset/*.yaml`` entry, typed), normalised.
 
     The whole of both splits is converted to float32 here; federated clients use
     :func:`flexmoe_core.data.load_client_data`, which converts only their share.
@@ -151,8 +157,8 @@ def load_dataset(cfg: DictConfig, seed: int = 0) -> DatasetSplits:
     DatasetError
         See :func:`flexmoe_core.data.raw.load_raw`.
     """
-    raw = load_raw(cfg, seed)
-    normaliser = Normaliser.from_config(cfg.preprocess, raw.input_shape[0])
+    raw = load_raw(dataset, seed)
+    normaliser = Normaliser.from_settings(dataset.preprocess, raw.input_shape[0])
     return DatasetSplits(
         ArrayDataset(normaliser(raw.train.view()), raw.train.labels),
         ArrayDataset(normaliser(raw.test.view()), raw.test.labels),

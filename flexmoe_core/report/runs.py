@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from ..allocation.registry import ALL_EXPERTS_STRATEGY_NAMES, STRATEGY_NAMES
 from ..config import conf_dir
@@ -107,30 +107,31 @@ def describe_partition(part: Any) -> str:
     return f"{part.type}{' ' + detail if detail else ''}"
 
 
-def describe_data(cfg: Any) -> str:
+def describe_data(run_config: Any) -> str:
     """Return the data, backbone, clients and rounds a run trained with (no experts)."""
     return (
-        f"{cfg.dataset.name} · {describe_partition(cfg.partition)} · "
-        f"{cfg.model.backbone} · {cfg.num_clients} clients · {cfg.num_rounds} rounds"
+        f"{run_config.dataset.name} · {describe_partition(run_config.partition)} · "
+        f"{run_config.model.backbone} · {run_config.num_clients} clients · "
+        f"{run_config.num_rounds} rounds"
     )
 
 
-def describe_setup(cfg: Any) -> str:
+def describe_setup(run_config: Any) -> str:
     """Return a short, stable description of what a run trained on.
 
     Method settings (the strategy, top-k, fitness, load band) are not part of it: runs
     that differ only in those are strategies of one setup.
     """
-    cap = cfg.capacity
+    cap = run_config.capacity
     capacity = {
         "constant": f"k={cap.value}",
         "list": f"k∈{list(cap['values'])}",
         "uniform": f"k~U[{cap.low},{cap.high}]",
     }[cap.profile]
     return (
-        f"{cfg.dataset.name} · {describe_partition(cfg.partition)} · "
-        f"{cfg.model.backbone} E={cfg.model.num_experts} · "
-        f"{cfg.num_clients} clients · {capacity} · {cfg.num_rounds} rounds"
+        f"{run_config.dataset.name} · {describe_partition(run_config.partition)} · "
+        f"{run_config.model.backbone} E={run_config.model.num_experts} · "
+        f"{run_config.num_clients} clients · {capacity} · {run_config.num_rounds} rounds"
     )
 
 
@@ -158,7 +159,7 @@ def _setting_text(name: str, value: Any) -> str:
     return f"{name}={value}"
 
 
-def strategy_label(cfg: Any) -> str:
+def strategy_label(run_config: Any) -> str:
     """Return the strategy's name plus its method settings that differ from conf/'s.
 
     ``flexmoe`` for the default, ``flexmoe β=0.2`` or ``flexmoe deficit rule off`` for
@@ -166,19 +167,19 @@ def strategy_label(cfg: Any) -> str:
     one expert every client holds it); only keys the run's configuration has are
     compared.
     """
-    if int(cfg.model.num_experts) == 1:  # FedAvg of the trunk with one expert
+    if int(run_config.model.num_experts) == 1:  # FedAvg of the trunk with one expert
         return SINGLE_EXPERT
-    return " ".join([str(cfg.strategy.name), *variant_settings(cfg)])
+    return " ".join([str(run_config.strategy.name), *variant_settings(run_config)])
 
 
-def variant_settings(cfg: Any) -> list[str]:
+def variant_settings(run_config: Any) -> list[str]:
     """Return the method settings of a run that differ from conf/'s, as label texts."""
-    if int(cfg.model.num_experts) == 1:
+    if int(run_config.model.num_experts) == 1:
         return []
-    defaults = _default_method_settings(str(cfg.model.backbone))
+    defaults = _default_method_settings(str(run_config.model.backbone))
     changed = []
     for key, name in VARIANT_KEYS:
-        value = OmegaConf.select(cfg, key, default=None)
+        value = OmegaConf.select(run_config, key, default=None)
         default = defaults[key]
         if value is None or default is None or value == default:
             continue
@@ -201,20 +202,22 @@ def load_run(run_dir: str | Path, setup_keys: Sequence[str] = ()) -> Run:
     ``train.lr``: each value is then a setup with its own comparison).
     """
     run_dir = Path(run_dir)
-    cfg = OmegaConf.load(run_dir / CONFIG_FILE)
-    assert isinstance(cfg, DictConfig)
+    run_config = OmegaConf.load(run_dir / CONFIG_FILE)
+    assert OmegaConf.is_dict(run_config)
     records = read_records(run_dir) if (run_dir / METRICS_FILE).is_file() else []
-    extra = "".join(f" · {key}={OmegaConf.select(cfg, key, default=None)}" for key in setup_keys)
+    extra = "".join(
+        f" · {key}={OmegaConf.select(run_config, key, default=None)}" for key in setup_keys
+    )
     return Run(
         run_dir,
-        describe_setup(cfg) + extra,
-        strategy_label(cfg),
-        int(cfg.seed),
+        describe_setup(run_config) + extra,
+        strategy_label(run_config),
+        int(run_config.seed),
         records,
         run_state(run_dir),
-        describe_data(cfg) + extra,
-        _flatten(OmegaConf.to_container(cfg, resolve=False)),
-        variant_settings(cfg),
+        describe_data(run_config) + extra,
+        _flatten(OmegaConf.to_container(run_config, resolve=False)),
+        variant_settings(run_config),
     )
 
 
