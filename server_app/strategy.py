@@ -41,6 +41,11 @@ from .membership import Membership
 __all__ = ["TIMING_KEYS", "FlexMoEStrategy", "error_reason", "to_array_record"]
 
 
+def _level(bounded: str) -> int:
+    """Log a cut claim or a left-out update as a warning; a clip alone (routine) as info."""
+    return WARNING if "left out" in bounded or "->" in bounded or "counted as" in bounded else INFO
+
+
 class FlexMoEStrategy(Strategy):
     """Assigns each client a subset of experts every round and aggregates per expert.
 
@@ -224,7 +229,10 @@ class FlexMoEStrategy(Strategy):
                 (WARNING, k, f" left out of this round: {why}")
                 for k, why in outcome.failures.items()
             ),
-            *((WARNING, k, f"'s influence bounded: {what}") for k, what in outcome.bounded.items()),
+            *(
+                (_level(what), k, f"'s influence bounded: {what}")
+                for k, what in outcome.bounded.items()
+            ),
         ]
         # Named by the node the message went to (the key may have moved on since).
         nodes = {k: m.metadata.dst_node_id for m, k in zip(self._outbox, self.plan.experts)}  # noqa: B905

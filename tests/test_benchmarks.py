@@ -155,3 +155,18 @@ def test_bench_privacy_prints_epsilon_and_accuracy_per_setting(tmp_path: Path) -
     finally:
         stop_flower(str(home))
     assert re.search(r"^\| DP, sigma = 0\.3 \| \d", out, re.M), out[-2000:]
+
+
+def test_bench_attacks_prints_a_row_per_attack_with_its_verdict() -> None:
+    fast = "model.width=8 model.feature_dim=16 train.local_epochs=1 partition=iid"
+    out = run_benchmark(
+        "bench_attacks.py",
+        *("--clients", "4", "--rounds", "2", "--only", "scaled_1e6", "evaluation_2p53"),
+        *("--overrides", f"{fast} evaluate.global_every=1 timeouts.wait_for_clients_s=0"),
+    )
+    assert "Honest run, clients but 1: local 0." in out
+    for attack in ("scaled_1e6", "evaluation_2p53"):
+        row = next(line for line in out.splitlines() if line.startswith(attack))
+        assert re.search(r"\d\.\d{4}\s+[+-]\d+\.\d\s+\d\.\d{4}", row), row
+        assert row.rstrip().endswith(("PASS", "FAIL")), row
+    assert re.search(r"of 2 PASS", out)
