@@ -180,7 +180,9 @@ def memory(strategy, model_bytes: int, out: Path) -> None:
     for key, message in zip(plan.experts, messages, strict=True):
         arrays = {n: np.asarray(a.numpy()) for n, a in message.content["arrays"].items()}
         feedback = {e: ExpertFeedback(5.0, 0.5, 1.0) for e in plan.experts[key]}
-        replies.append(ClientReply(key, ClientUpdate(key, arrays, 8, feedback), 1.0, 0.5))
+        # Whole replies, as the reply gate passes them (held-out feedback included).
+        update = ClientUpdate(key, arrays, 8, feedback)
+        replies.append(ClientReply(key, update, 1.0, 0.5, heldout=feedback))
     state.close(plan, RoundResults(replies=replies))
     save_checkpoint(out / "checkpoint.npz", state.checkpoint(roster.state()))
     _, peak = tracemalloc.get_traced_memory()
