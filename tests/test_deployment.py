@@ -307,14 +307,15 @@ def test_supernodes_get_their_capacity_and_a_killed_one_comes_back(
     first = failed[0]
     reason = records[first - 1]["failures"]["1"]
     assert "node unavailable" in reason or "no reply" in reason, reason
-    # The restarted SuperNode was asked while the failed round waited, claimed client 1
-    # once its old node was delisted, and trains again in the next round.
+    # The restarted SuperNode is asked while the failed round waits and claims client 1
+    # once its old node is delisted (30-60 s after its last heartbeat): it trains again
+    # in the next round, or the one after when the delisting comes after that round.
     back = [
         r["round"]
         for r in records
         if r["round"] > first and "1" in r["assignment"] and "1" not in r["failures"]
     ]
-    assert back and back[0] == first + 1, records
+    assert back and back[0] <= first + 2, records
     assert "Client 1 rejoined on node" in output
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["capacities"] == {"0": 1, "1": 2, "2": 4}
