@@ -294,6 +294,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     S("aggregation.trim_fraction", "float", "[0, 0.5)", meaning="share trimmed at each end"),
     S(
+        "aggregation.trim_min_holders",
+        "int",
+        "[3, inf)",
+        meaning="holders a group needs before auto trims it",
+    ),
+    S(
         "aggregation.max_examples_ratio",
         "float|null",
         "[1, inf)",
@@ -303,7 +309,13 @@ SETTINGS: tuple[Setting, ...] = (
         "aggregation.clip_multiple",
         "float|null",
         "[1, inf)",
-        meaning="adaptive clip, in round low medians of the RMS change",
+        meaning="adaptive clip of the backbone, in round low medians of the RMS change",
+    ),
+    S(
+        "aggregation.expert_clip_multiple",
+        "float|null",
+        "[1, inf)",
+        meaning="adaptive clip of an expert (3+ holders), in round low medians",
     ),
     S(
         "aggregation.reject_multiple",

@@ -114,19 +114,25 @@ def round_bounds(
     max_update_rms: float | None,
     clip_multiple: float | None,
     reject_multiple: float | None,
+    expert_clip_multiple: float | None = None,
 ) -> dict[str | int, GroupBounds]:
     """Return each group's bounds this round (adaptive, under the absolute ceiling).
 
     ``norms`` holds each update's :func:`delta_norms`, ``sizes`` each group's
     floating-point elements. The *reference* of the backbone, and of an expert with at
     least 3 holders, is the low median RMS change over its holders: a delta is clipped
-    to ``min(max_update_rms, clip_multiple * reference)`` per element and left out
-    above ``reject_multiple * reference``. An expert with fewer holders has no
-    majority to measure it by: it is clipped to the ceiling only and left out above
-    ``reject_multiple`` times the low median over every expert delta of the round
-    (honest experts move by up to ~35x that median, as the samples routed to them
-    differ; the attacks it stops move them by hundreds). Zero changes are left out of
-    the medians. A low median is robust: a minority of holders cannot raise it.
+    to ``min(max_update_rms, multiple * reference)`` per element (``clip_multiple``
+    for the backbone, ``expert_clip_multiple`` for an expert) and left out above
+    ``reject_multiple * reference``. Experts get a wider clip than the backbone: the
+    samples routed to an expert differ between its holders, so honest changes of one
+    expert differ more (up to ~45x their low median, against ~11x for the backbone, on
+    the digits default run); every participant trains the backbone on all its data.
+    An expert with fewer holders has no majority to measure it by: it is clipped to the
+    ceiling only and left out above ``reject_multiple`` times the low median over every
+    expert delta of the round (honest experts move by up to ~35x that median, as the
+    samples routed to them differ; the attacks it stops move them by hundreds). Zero
+    changes are left out of the medians. A low median is robust: a minority of holders
+    cannot raise it.
     """
     rms_by_group: dict[str | int, list[float]] = {}
     for update_norms in norms:
@@ -136,6 +142,7 @@ def round_bounds(
     pooled = [r for g, rows in rms_by_group.items() if g != BACKBONE for r in rows]
     ceiling = math.inf if max_update_rms is None else max_update_rms
     clip_multiple = math.inf if clip_multiple is None else clip_multiple
+    expert_clip_multiple = math.inf if expert_clip_multiple is None else expert_clip_multiple
     reject_multiple = math.inf if reject_multiple is None else reject_multiple
     bounds: dict[str | int, GroupBounds] = {}
     for group, size in sizes.items():
@@ -143,7 +150,8 @@ def round_bounds(
         clip, reject = ceiling, math.inf
         if rows and (group == BACKBONE or len(rows) >= MIN_TRIMMED):
             reference = low_median(rows)
-            clip = min(ceiling, clip_multiple * reference)
+            multiple = clip_multiple if group == BACKBONE else expert_clip_multiple
+            clip = min(ceiling, multiple * reference)
             reject = reject_multiple * reference
         elif pooled:
             reject = reject_multiple * low_median(pooled)

@@ -161,12 +161,17 @@ def test_bench_attacks_prints_a_row_per_attack_with_its_verdict() -> None:
     fast = "model.width=8 model.feature_dim=16 train.local_epochs=1 partition=iid"
     out = run_benchmark(
         "bench_attacks.py",
-        *("--clients", "4", "--rounds", "2", "--only", "scaled_1e6", "evaluation_2p53"),
+        *("--clients", "4", "--rounds", "2", "--seeds", "0", "1"),
+        *("--only", "scaled_1e6", "evaluation_2p53"),
         *("--overrides", f"{fast} evaluate.global_every=1 timeouts.wait_for_clients_s=0"),
     )
-    assert "Honest run, clients but 1: local 0." in out
+    for seed in (0, 1):
+        assert f"seed {seed}, honest run: clients but 1 local 0." in out
+    spread = r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]"
     for attack in ("scaled_1e6", "evaluation_2p53"):
         row = next(line for line in out.splitlines() if line.startswith(attack))
-        assert re.search(r"\d\.\d{4}\s+[+-]\d+\.\d\s+\d\.\d{4}", row), row
-        assert row.rstrip().endswith(("PASS", "FAIL")), row
+        assert len(re.findall(spread, row)) == 4, row
+        assert re.search(r"(PASS|FAIL \((model|report)(, report)?\))$", row.rstrip()), row
+    reference = next(line for line in out.splitlines() if line.startswith("(left out)"))
+    assert reference.rstrip().endswith("reference"), reference
     assert re.search(r"of 2 PASS", out)

@@ -20,7 +20,7 @@ from flexmoe_core.aggregation import (
 from flexmoe_core.config import ConfigError, load_config, load_settings
 from flexmoe_core.fitness import ExpertFeedback
 from flexmoe_core.robust import low_median
-from flexmoe_core.update_bounds import group_sizes
+from flexmoe_core.update_bounds import group_sizes, round_bounds
 
 RMS = 1.0  # the default max_update_rms
 EXPERT = "experts.0.0.weight"
@@ -30,6 +30,7 @@ NO_CLIP = AggregationPolicy(
     max_examples_ratio=None,
     max_update_rms=None,
     clip_multiple=None,
+    expert_clip_multiple=None,
     reject_multiple=None,
 )
 
@@ -89,7 +90,7 @@ def test_honest_round_is_unchanged_bit_for_bit() -> None:
     global_arrays = model()
     updates = [honest(c, global_arrays, experts=(0, 1) if c % 2 else (0,)) for c in range(5)]
     # Under the weighted mean, bounds that do not bind change no bit (the default,
-    # method=auto, also trims each coordinate's extremes: tests of it are below).
+    # method=auto, also trims groups of 6 holders or more: tests of it are below).
     mean = AggregationPolicy(top_k=2, method="mean")
     bounded = aggregate_bounded(global_arrays, updates, mean)
     assert bounded.report.clients() == []
@@ -143,7 +144,9 @@ def test_num_examples_1e15_cannot_take_over_the_backbone(declared: bool) -> None
 
     declared_examples = {c: 100 for c in (0, 1, 2, 3, 9)} if declared else None
     # The count caps alone: the weighted mean, the absolute clip only.
-    mean = AggregationPolicy(top_k=2, method="mean", clip_multiple=None, reject_multiple=None)
+    mean = AggregationPolicy(
+        top_k=2, method="mean", clip_multiple=None, expert_clip_multiple=None, reject_multiple=None
+    )
     result = aggregate_bounded(global_arrays, updates, mean, declared_examples)
     # Declared, else the fence of the reported counts (Q3 + 3 IQR, at least twice the
     # median): one claim moves neither.
@@ -157,13 +160,41 @@ def test_num_examples_1e15_cannot_take_over_the_backbone(declared: bool) -> None
         result.arrays["backbone.w"], (1 - share) * honest_only["backbone.w"], rtol=1e-5
     )
     assert share <= (0.2 if declared else 0.34)
-    # The default also trims each coordinate's extremes: closer still to the honest mean.
-    auto = aggregate_bounded(global_arrays, updates, AggregationPolicy(top_k=2), declared_examples)
+    # method=auto also trims each coordinate's extremes: closer still to the honest mean.
+    trimming = AggregationPolicy(top_k=2, method="auto", trim_min_holders=3)
+    auto = aggregate_bounded(global_arrays, updates, trimming, declared_examples)
     honest_w = honest_only["backbone.w"]
     assert (
         np.abs(auto.arrays["backbone.w"] - honest_w).max()
         < np.abs(result.arrays["backbone.w"] - honest_w).max()
     )
+
+
+def test_auto_trims_only_groups_with_enough_holders() -> None:
+    global_arrays = model()
+    # Five holders of expert 0 and of the backbone: below trim_min_holders (6), auto is
+    # the weighted mean bit for bit; a sixth holder far off in one direction (inside
+    # the clip) is then trimmed away coordinate by coordinate.
+    five = [honest(c, global_arrays) for c in range(5)]
+    mean = AggregationPolicy(top_k=2, method="mean")
+    auto = AggregationPolicy(top_k=2, method="auto")
+    assert auto.trim_min_holders == 6
+    for name, value in aggregate_bounded(global_arrays, five, auto).arrays.items():
+        np.testing.assert_array_equal(
+            value, aggregate_bounded(global_arrays, five, mean).arrays[name]
+        )
+    # The pusher moves 4 backbone coordinates by 0.1 each: about the clip in RMS (2x the
+    # honest 0.01), far outside the honest spread in those coordinates.
+    pusher = honest(5, global_arrays)
+    pusher.arrays["backbone.w"] = pusher.arrays["backbone.w"].copy()
+    pusher.arrays["backbone.w"][0, :4] += 0.1
+    six = [*five, pusher]
+    trimmed = aggregate_bounded(global_arrays, six, auto).arrays["backbone.w"][0, :4]
+    averaged = aggregate_bounded(global_arrays, six, mean).arrays["backbone.w"][0, :4]
+    honest_mean = aggregate(global_arrays, five, policy=NO_CLIP)["backbone.w"][0, :4]
+    pull = (averaged - honest_mean).mean()  # about 0.1 / 6, less what the clip takes
+    assert pull > 0.01
+    assert abs((trimmed - honest_mean).mean()) < pull / 3
 
 
 @pytest.mark.parametrize("method", ["median", "trimmed_mean"])
@@ -211,6 +242,21 @@ def test_clip_scales_the_delta_to_the_bound_and_keeps_its_direction() -> None:
     cosine = (delta * direction).sum() / np.linalg.norm(delta) / np.linalg.norm(direction)
     assert cosine > 0.999
     assert result.report.clipped[1]["backbone"] < 0.2
+
+
+def test_the_backbone_and_the_experts_are_clipped_at_their_own_multiples() -> None:
+    # RMS changes of three holders per group: 1, 2, 3 (low median 2) and 100.
+    sizes = {"backbone": 4, 0: 9, 1: 9}
+    norms = [{g: rms * math.sqrt(sizes[g]) for g in sizes} for rms in (1.0, 2.0, 3.0)]
+    bounds = round_bounds(norms, sizes, None, 2.0, 50.0, expert_clip_multiple=4.0)
+    assert bounds["backbone"].clip == pytest.approx(2.0 * 2.0 * math.sqrt(4))
+    assert bounds[0].clip == pytest.approx(4.0 * 2.0 * math.sqrt(9))
+    assert bounds[0].reject == pytest.approx(50.0 * 2.0 * math.sqrt(9))
+    # An expert with fewer than 3 holders has no median of its own: the ceiling only.
+    two = [{0: 1.0}, {0: 3.0}]
+    assert round_bounds(two, {0: 1}, 1.0, 2.0, 50.0, expert_clip_multiple=4.0)[0].clip == 1.0
+    unclipped = round_bounds(norms, sizes, None, None, None)
+    assert all(math.isinf(b.clip) and math.isinf(b.reject) for b in unclipped.values())
 
 
 def test_usage_is_bounded_by_examples_times_top_k() -> None:

@@ -24,6 +24,7 @@ NO_CLIP = AggregationPolicy(
     max_examples_ratio=None,
     max_update_rms=None,
     clip_multiple=None,
+    expert_clip_multiple=None,
     reject_multiple=None,
 )
 

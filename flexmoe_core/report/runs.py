@@ -42,7 +42,18 @@ VARIANT_KEYS: list[tuple[str, str]] = [
     ("strategy.epsilon", "ε"),
     ("strategy.deficit_rule", "deficit rule"),
     ("model.top_k", "top"),
+    ("aggregation.method", "aggregation"),
+    ("aggregation.clip_multiple", "clip×"),
+    ("aggregation.expert_clip_multiple", "expert clip×"),
+    ("aggregation.reject_multiple", "reject×"),
 ]
+# Bounds that a run switches off with null (other keys are null where they do not apply,
+# e.g. a baseline strategy's fitness settings).
+NULL_MEANS_OFF = {
+    "aggregation.clip_multiple",
+    "aggregation.expert_clip_multiple",
+    "aggregation.reject_multiple",
+}
 
 OBJECTIVES = [column for column, _ in COLUMNS]
 
@@ -181,7 +192,11 @@ def variant_settings(run_config: Any) -> list[str]:
     for key, name in VARIANT_KEYS:
         value = OmegaConf.select(run_config, key, default=None)
         default = defaults[key]
-        if value is None or default is None or value == default:
+        if default is None or value == default:
+            continue
+        if value is None:
+            if key in NULL_MEANS_OFF:
+                changed.append(f"{name} off")
             continue
         changed.append(_setting_text(name, value))
     return changed

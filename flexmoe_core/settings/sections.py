@@ -112,9 +112,11 @@ class AggregationSettings:
     expert_weighting: str = "usage"
     method: str = "auto"
     trim_fraction: float = 0.2
+    trim_min_holders: int = 6
     max_examples_ratio: float | None = 10.0
     max_update_rms: float | None = 1.0
-    clip_multiple: float | None = 4.0
+    clip_multiple: float | None = 2.0
+    expert_clip_multiple: float | None = 4.0
     reject_multiple: float | None = 50.0
 
     @classmethod
@@ -125,9 +127,13 @@ class AggregationSettings:
             expert_weighting=str(data["expert_weighting"]),
             method=str(data["method"]),
             trim_fraction=float(data["trim_fraction"]),
+            trim_min_holders=int(data.get("trim_min_holders", defaults.trim_min_holders)),
             max_examples_ratio=float_or_none(data["max_examples_ratio"]),
             max_update_rms=float_or_none(data["max_update_rms"]),
             clip_multiple=float_or_none(data.get("clip_multiple", defaults.clip_multiple)),
+            expert_clip_multiple=float_or_none(
+                data.get("expert_clip_multiple", defaults.expert_clip_multiple)
+            ),
             reject_multiple=float_or_none(data.get("reject_multiple", defaults.reject_multiple)),
         )
 
