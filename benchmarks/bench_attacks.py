@@ -15,7 +15,7 @@ a verdict against the goals:
   truly measured, the attacker's own true figure counted like any client's (the
   difference from the honest clients' figure alone is printed too).
 
-    python benchmarks/bench_attacks.py                     # the full table, 3 seeds (~8 min)
+    python benchmarks/bench_attacks.py                     # the full table, 5 seeds (~15 min)
     python benchmarks/bench_attacks.py --rounds 5 --seeds 0 --only scaled_1e6
 """
 
@@ -131,7 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--only", nargs="*", default=None, help="attack names")
     parser.add_argument("--overrides", default="", help="Hydra overrides for every run")
     args = parser.parse_args()
