@@ -172,6 +172,13 @@ class InfluenceReport:
         """Return the clients whose influence was bounded, sorted."""
         return sorted(set(self.examples) | set(self.usage) | set(self.clipped) | set(self.rejected))
 
+    def routine(self, client: int) -> bool:
+        """Whether ``client`` was only clipped (honest updates are, some rounds).
+
+        No claim of it was cut and no part of its update left out.
+        """
+        return not any(client in cut for cut in (self.examples, self.usage, self.rejected))
+
     def describe(self, client: int) -> str:
         """Say what was bounded for ``client``, on one line (for the log and the records).
 

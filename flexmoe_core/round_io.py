@@ -136,13 +136,16 @@ class RoundResults:
 class RoundOutcome:
     """The closed round: who was accepted, who failed and why, finished records.
 
-    ``bounded`` says, per accepted client, what the aggregation's bounds cut.
+    ``bounded`` says, per accepted client, what the aggregation's bounds cut;
+    ``warned`` holds those of them whose claims were cut or whose update was (partly)
+    left out, the others were only clipped.
     """
 
     accepted: list[int]
     failures: dict[int, str]
     finished: list[RoundRecord]
     bounded: dict[int, str] = field(default_factory=dict)
+    warned: set[int] = field(default_factory=set)
 
 
 def claims_of(accepted: list[ClientReply], counted: list[float]) -> dict[str, dict[str, float]]:

@@ -270,7 +270,7 @@ class RoundState:
         if not accepted:
             self._stop_if_stalled(plan.round, failures)
         updates = [r.update for r in accepted if r.update is not None]
-        trust = self._aggregate(plan.round, updates, results.declared_examples)
+        trust, warned = self._aggregate(plan.round, updates, results.declared_examples)
         self._update_fitness(accepted)
         # What the clients' counts may weigh (claims beyond it are cut): the record
         # stores the counted figures, and the claims beside them where they were cut.
@@ -302,7 +302,7 @@ class RoundState:
             record.trust.dp_epsilon = self.dp_epsilon(self.records())
         bounded = {int(k): why for k, why in (trust.bounded or {}).items()}
         return RoundOutcome(
-            [r.key for r in accepted], dict(sorted(failures.items())), finished, bounded
+            [r.key for r in accepted], dict(sorted(failures.items())), finished, bounded, warned
         )
 
     def evaluation_caps(self, declared_examples: int | None) -> EvaluationCaps:
@@ -329,22 +329,25 @@ class RoundState:
 
     def _aggregate(
         self, server_round: int, updates: list[ClientUpdate], declared: Mapping[int, int]
-    ) -> Trust:
+    ) -> tuple[Trust, set[int]]:
         """Replace the global arrays by the round's aggregate; say what limited the clients.
 
         ``bounded``: what the bounds cut, per client key (only when they cut); with
-        privacy, ``dp_noise_std``: the noise std on each released group's average.
+        privacy, ``dp_noise_std``: the noise std on each released group's average. The
+        set: the clients whose claims were cut or whose update was left out.
         """
         if self.privacy is not None:
             rng = np.random.default_rng([self.settings.seed, server_round, DP_STREAM])
             private = private_aggregate(self.global_arrays, updates, self.privacy, rng)
             self.global_arrays = private.arrays
-            return Trust(dp_noise_std={str(g): std for g, std in private.noise_std.items()})
+            return Trust(dp_noise_std={str(g): s for g, s in private.noise_std.items()}), set()
         result = aggregate_bounded(self.global_arrays, updates, self.policy, declared)
         self.global_arrays = result.arrays
-        if not (clients := result.report.clients()):
-            return Trust()
-        return Trust(bounded={str(c): result.report.describe(c) for c in clients})
+        report = result.report
+        if not (clients := report.clients()):
+            return Trust(), set()
+        warned = {c for c in clients if not report.routine(c)}
+        return Trust(bounded={str(c): report.describe(c) for c in clients}), warned
 
     def _stop_if_stalled(self, server_round: int, failures: Mapping[int, str]) -> None:
         """Stop the run if this round ends ``max_failed_rounds`` without an accepted update.

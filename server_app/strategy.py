@@ -41,11 +41,6 @@ from .membership import Membership
 __all__ = ["TIMING_KEYS", "FlexMoEStrategy", "error_reason", "to_array_record"]
 
 
-def _level(bounded: str) -> int:
-    """Log a cut claim or a left-out update as a warning; a clip alone (routine) as info."""
-    return WARNING if "left out" in bounded or "->" in bounded or "counted as" in bounded else INFO
-
-
 class FlexMoEStrategy(Strategy):
     """Assigns each client a subset of experts every round and aggregates per expert.
 
@@ -134,9 +129,8 @@ class FlexMoEStrategy(Strategy):
         """Sort replies by the client key of the message they answer, into the results."""
         assert self.plan is not None
         start, plan, results = time.perf_counter(), self.plan, self._results
-        # Map replies to requests by message id (the grid sets it on the messages it
-        # sends): an error reply made by the SuperLink ("Node Unavailable") carries the
-        # SuperLink's node id, not the lost node's.
+        # Replies map to requests by message id: an error reply the SuperLink makes
+        # itself ("Node Unavailable") carries the SuperLink's node id, not the lost node's.
         sent = {m.metadata.message_id: k for m, k in zip(self._outbox, plan.experts, strict=True)}
         for reply in replies:
             key = sent.get(reply.metadata.reply_to_message_id)
@@ -147,9 +141,8 @@ class FlexMoEStrategy(Strategy):
                 reason = error_reason(reply.error.reason)
                 unavailable = reply.error.code == NODE_UNAVAILABLE
                 (self.roster.unavailable if unavailable else self.roster.answered)(key)
-                results.failures[key] = (
-                    "node unavailable: " if unavailable else "client error: "
-                ) + reason
+                why = "node unavailable" if unavailable else "client error"
+                results.failures[key] = f"{why}: {reason}"
                 continue
             self.roster.answered(key)
             if proto.ARRAYS in reply.content:
@@ -230,7 +223,8 @@ class FlexMoEStrategy(Strategy):
                 for k, why in outcome.failures.items()
             ),
             *(
-                (_level(what), k, f"'s influence bounded: {what}")
+                # A cut claim or a left-out update is a warning; a clip alone is routine.
+                (WARNING if k in outcome.warned else INFO, k, f"'s influence bounded: {what}")
                 for k, what in outcome.bounded.items()
             ),
         ]
@@ -243,9 +237,8 @@ class FlexMoEStrategy(Strategy):
             log(level, "Round %d: %s%s", server_round, name, text)
 
     def _save(self, finished: list[RoundRecord]) -> None:
-        # The checkpoint is written before the records: a run killed in between is
-        # resumed from this round, and the resume rewrites metrics.jsonl from the
-        # checkpoint's records, so no line is lost or doubled.
+        # Checkpoint before records: a run killed in between resumes from this round and
+        # rewrites metrics.jsonl from the checkpoint's records (no line lost or doubled).
         assert self.state is not None
         if self.checkpoint_path is not None:
             save_checkpoint(self.checkpoint_path, self.state.checkpoint(self.roster.state()))

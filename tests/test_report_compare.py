@@ -128,8 +128,8 @@ def test_ablation_runs_are_labelled_by_what_they_change() -> None:
     assert strategy_label(load_config("strategy.epsilon=0.2")) == "flexmoe ε=0.2"
     assert strategy_label(load_config("ablation=deficit_off")) == "flexmoe deficit rule off"
     assert strategy_label(load_config("baseline=fedavg_e1")) == "fedavg_e1"
-    trimming = "aggregation.method=auto aggregation.clip_multiple=null"
-    assert strategy_label(load_config(trimming)) == "flexmoe aggregation=auto clip× off"
+    plain_mean = "aggregation.method=mean aggregation.clip_multiple=null"
+    assert strategy_label(load_config(plain_mean)) == "flexmoe aggregation=mean clip× off"
 
 
 def fake_run_dir(root: Path, overrides: str, accs: list[float]) -> Path:

@@ -117,6 +117,8 @@ def test_usage_1e9_and_weights_7_move_the_model_by_a_bounded_step(caplog) -> Non
     # left out (not merely clipped), the backbone likewise.
     assert "the rejection bound: left out" in note
     assert f"node {VICTIM} (client {VICTIM_KEY})'s influence bounded: usage" in caplog.text
+    # A warning for the cut claims; an honest client that was only clipped is routine.
+    assert strategy.outcome.warned == {VICTIM_KEY}
     held = strategy.history[-1].allocation.assignment[str(VICTIM_KEY)]
     moved = rms_changes(strategy.global_arrays, before)
     # Each delta is clipped to RMS 1 per element (aggregation.max_update_rms): the
@@ -155,11 +157,20 @@ def test_num_examples_1e15_with_a_constant_backbone_does_not_take_it_over() -> N
     )
     assert 0.0 <= second.training.acc <= 1.0 and math.isfinite(second.training.loss)
     # Two rounds, each step clipped to RMS 1 per element: the backbone is not the
-    # attacker's constant.
+    # attacker's constant, it stays near the backbone of the same run without it
+    # (element by element, BatchNorm statistics may be near 0.5 honestly).
     assert rms_changes(strategy.global_arrays, before)[BACKBONE] <= 2.0 + 1e-5
-    for name, value in strategy.global_arrays.items():
-        if split_expert_key(name) is None and value.dtype.kind == "f" and value.size > 1:
-            assert float(np.abs(value - 0.5).max()) > 0.1, name
+    honest = run_strategy(cfg, make_grid(3)).global_arrays
+    names = [
+        n
+        for n, v in honest.items()
+        if split_expert_key(n) is None and v.dtype.kind == "f" and v.size > 1
+    ]
+    attacked = np.concatenate([strategy.global_arrays[n].ravel() for n in names])
+    reference = np.concatenate([honest[n].ravel() for n in names])
+    to_honest = float(np.sqrt(np.mean((attacked - reference) ** 2)))
+    to_constant = float(np.sqrt(np.mean((attacked - 0.5) ** 2)))
+    assert to_honest < to_constant / 2, (to_honest, to_constant)
 
 
 # ------------------------------------------------------------ malformed replies
