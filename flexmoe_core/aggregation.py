@@ -36,7 +36,8 @@ What a client can move is bounded by what an honest client can truthfully report
   backbone one way every round within the clip.
 
 Not covered: colluding clients that are a majority of an expert's holders, an expert
-with fewer than 3 holders (one of two can move it within the rejection bound), slow
+with fewer than 3 holders (one of two can move it within the rejection bound), an
+expert of 3 to ``trim_min_holders - 1`` holders (clipped, not trimmed), slow
 poisoning within the bounds, the fitness feedback's effect on the allocation (range
 checked only), integer buffers (BatchNorm ``num_batches_tracked``: averaged, never
 clipped), and a malicious server (see :mod:`flexmoe_core.privacy`).
