@@ -68,8 +68,10 @@ def run_federation(attack: str | None, seed: int, args: argparse.Namespace, out:
     run_dir = run(InProcessGrid(attackers.app, nodes, fail=fail), cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    attacker = [t for t in attackers.TRUE_EVALUATIONS if t.kind == "final"]
-    attacker = [t.splits["local"][2] for t in attacker if t.node == ATTACKER_NODE]
+    finals = attackers.TRUE_EVALUATIONS
+    attacker = [
+        t.splits["local"][2] for t in finals if t.kind == "final" and t.node == ATTACKER_NODE
+    ]
     return {
         "summary": summary,
         "records": records,

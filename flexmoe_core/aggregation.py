@@ -352,7 +352,7 @@ def aggregate_bounded(
         policy.max_update_rms,
         policy.clip_multiple,
         policy.reject_multiple,
-        policy.expert_clip_multiple,
+        expert_clip_multiple=policy.expert_clip_multiple,
     )
     clip = {g: b.clip for g, b in bounds.items() if math.isfinite(b.clip)}
     clipped = []

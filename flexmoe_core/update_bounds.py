@@ -114,7 +114,8 @@ def round_bounds(
     max_update_rms: float | None,
     clip_multiple: float | None,
     reject_multiple: float | None,
-    expert_clip_multiple: float | None = None,
+    *,
+    expert_clip_multiple: float | None,
 ) -> dict[str | int, GroupBounds]:
     """Return each group's bounds this round (adaptive, under the absolute ceiling).
 

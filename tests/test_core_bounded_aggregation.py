@@ -255,7 +255,7 @@ def test_the_backbone_and_the_experts_are_clipped_at_their_own_multiples() -> No
     # An expert with fewer than 3 holders has no median of its own: the ceiling only.
     two = [{0: 1.0}, {0: 3.0}]
     assert round_bounds(two, {0: 1}, 1.0, 2.0, 50.0, expert_clip_multiple=4.0)[0].clip == 1.0
-    unclipped = round_bounds(norms, sizes, None, None, None)
+    unclipped = round_bounds(norms, sizes, None, None, None, expert_clip_multiple=None)
     assert all(math.isinf(b.clip) and math.isinf(b.reject) for b in unclipped.values())
 
 
